@@ -1,0 +1,5 @@
+import sys
+
+from gptforge.cli import main
+
+sys.exit(main())

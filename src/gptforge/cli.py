@@ -1,0 +1,159 @@
+"""The `gptforge` command: subcommands map to library functions; no training logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptforge import __version__
+from gptforge.errors import GptforgeError
+
+MAIN_HELP = """\
+Train, sample and evaluate GPT models.
+
+  gptforge prepare INPUT... --out DATA_DIR    tokenize text, JSONL or Parquet into token shards
+  gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
+  gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
+  gptforge eval RUN_DIR [--json]              validation loss, bits per byte, perplexity
+
+Run `gptforge SUBCOMMAND --help` for every option.
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gptforge.config import load_config
+    from gptforge.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from gptforge.evaluate.generate import generate
+    from gptforge.inference import load_checkpoint
+    from gptforge.train.precision import pick_device
+
+    run = load_checkpoint(args.run_dir, pick_device(args.device))
+    if run.tokenizer is None:
+        raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn a prompt into tokens")
+    tok = run.tokenizer
+    ids = [tok.eot_id] + tok.encode(args.prompt)
+    for i in range(args.num_samples):
+        new = generate(
+            run.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed + i, eot_id=None if args.no_stop else tok.eot_id,
+        )
+        text = args.prompt + tok.decode(new)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gptforge.data.loader import val_batches
+    from gptforge.data.prepare import load_data_dir
+    from gptforge.evaluate.loss import evaluate
+    from gptforge.inference import load_checkpoint
+    from gptforge.train.loop import resolve_data
+    from gptforge.train.precision import pick_device, resolve_precision
+
+    device = pick_device(args.device)
+    run = load_checkpoint(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    data = load_data_dir(args.data) if args.data else resolve_data(run.config)
+    if run.tokenizer is not None and data.tokenizer is not None and run.tokenizer.sha256 != data.tokenizer.sha256:
+        raise GptforgeError(f"{data.path} was tokenized with a different tokenizer than the run in {args.run_dir}")
+    if data.vocab_size > run.config.model.vocab_size:
+        raise GptforgeError(f"{data.path} has {data.vocab_size} token ids, the model only {run.config.model.vocab_size}")
+    cfg = run.config
+    tokens = args.tokens or cfg.train.eval_tokens
+    batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens)
+    tokenizer = data.tokenizer or run.tokenizer
+    token_bytes = None
+    if tokenizer is not None:
+        import torch
+
+        token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
+    result = evaluate(run.model, batches, resolve_precision(args.precision, device), token_bytes, device)
+    result.update(step=run.state["step"], checkpoint=str(run.checkpoint), tokens=sum(y.numel() for _, y in batches))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        bpb = f"{result['val_bpb']:.4f}" if result["val_bpb"] is not None else "n/a (no tokenizer)"
+        print(f"{run.checkpoint} (step {result['step']}) on {data.path} val, {result['tokens']:,} tokens")
+        print(f"val loss {result['val_loss']:.4f} | bits per byte {bpb} | perplexity {result['perplexity']:.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptforge.config import keys_help
+    from gptforge.data.prepare import add_prepare_arguments
+
+    parser = argparse.ArgumentParser(prog="gptforge", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("prepare", help="tokenize text, JSONL or Parquet into token shards", formatter_class=raw,
+                       description="Tokenize files, folders and globs into llm.c-format token shards with a manifest.")
+    add_prepare_arguments(p)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("train", help="train or resume a GPT", formatter_class=raw, epilog=keys_help(),
+                       description="Train a GPT. With no data.dir, trains on the built-in corpus (the Python standard "
+                       "library's source). A run.dir holding checkpoints is resumed from its newest intact one.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layer=4 train.max_steps=200")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run", formatter_class=raw,
+                       description="Generate text with a KV cache from a run directory or checkpoint folder.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200; 0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=raw,
+                       description="Evaluate a run on a validation split: its own data, or --data DIR.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's own data)")
+    p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the run's train.eval_tokens)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's train.batch_size)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, tf32, bf16 or fp16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: val_loss, val_bpb, perplexity, ...")
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "prepare":
+            from gptforge.data.prepare import run_prepare
+
+            return run_prepare(args)
+        return args.func(args)
+    except GptforgeError as e:
+        print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""Typed configuration: dataclass sections, YAML files, dotted `key=value` overrides, presets, validation.
+
+Every field is a config key `<section>.<field>`; its docstring (the string literal under it) is its help
+text, shown by `gptforge train --help`. Everything is checked before any work starts: unknown keys, wrong
+types and impossible values fail with a ConfigError naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from gptforge.errors import ConfigError
+from gptforge.model.gpt import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None
+    """Prepared data directory (gptforge, llm.c or modded-nanogpt shards); empty: the built-in corpus."""
+    tokenizer: str = "bpe"
+    """Tokenizer for the built-in corpus: bpe (trained on it) or bytes."""
+    vocab_size: int = 8192
+    """BPE vocabulary size for the built-in corpus."""
+    loader: str = "random"
+    """How training batches are drawn: random windows, or a sequential sweep over the shards."""
+    verify: bool = True
+    """Check every shard's sha256 against manifest.json before training."""
+    prefetch: int = 2
+    """Optimizer steps of batches built ahead of time in a background thread (0: build them inline)."""
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    preset: str | None = None
+    """Named shape applied before any explicit model key: tiny, small, gpt2-124m, gpt2-350m."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    """Sequences per device per micro-step."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step across all devices; gradient accumulation is derived from it. Empty: one micro-step."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (empty: no step limit)."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens (empty: no token limit)."""
+    max_time: float | None = 300.0
+    """Stop after this many seconds of training, evaluation excluded (empty: no time limit)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, wsd (warmup-stable-decay) or constant."""
+    cooldown_frac: float = 0.2
+    """wsd only: fraction of the run spent decaying at the end."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    precision: str = "auto"
+    """auto (what the device does well), fp32, tf32, bf16 (autocast) or fp16 (autocast with a gradient scaler)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), or a torch device string such as cpu or cuda:1."""
+    eval_every: int = 100
+    """Evaluate on the validation subset every this many steps (0: only at the end)."""
+    eval_tokens: int = 65536
+    """Size of the fixed validation subset, in tokens."""
+    save_every: int = 200
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    skip_nonfinite: bool = True
+    """Skip the optimizer step when the loss or gradient norm is not finite."""
+    samples: int = 2
+    """Samples printed at the end of training."""
+    sample_tokens: int = 200
+    """Length of each printed sample, in tokens."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/gpt"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/. A run there with checkpoints is resumed."""
+    seed: int = 1337
+    """Seed of every random generator (Python, NumPy, torch, the data loader)."""
+    deterministic: bool = False
+    """Deterministic algorithms only: with the same seed on the same CPU, bit-identical runs and resumes."""
+    tensorboard: bool = True
+    """Write TensorBoard events when the tensorboard package is installed."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step, derived from batch_tokens (validated to divide exactly)."""
+        per_micro = self.train.batch_size * self.model.block_size * world_size
+        if self.train.batch_tokens is None:
+            return 1
+        return self.train.batch_tokens // per_micro
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.grad_accum_steps(world_size) * self.train.batch_size * self.model.block_size * world_size
+
+
+# Values a string field may take. Checked in validate(); listed in errors and --help.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.tokenizer": ("bpe", "bytes"),
+    "data.loader": ("random", "sequential"),
+    "model.mlp": ("gelu", "relu2", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.pos": ("learned", "rope"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
+}
+
+# Presets set the shape and architecture; any explicit model key still wins.
+_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, block_size=1024)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-350m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+}
+CHOICES["model.preset"] = tuple(PRESETS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; presets first; then validation."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from a nested dict (YAML, overrides, or a checkpoint's saved config)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    tree = dict(tree)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("preset") is not None:
+        name = str(model["preset"])
+        if name not in PRESETS:
+            raise ConfigError(_choice_message("model.preset", name, tuple(PRESETS)))
+        tree["model"] = {**PRESETS[name], **model}
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, run), got {type(tree).__name__}")
+    return tree
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, for example train.max_steps=200")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, raw in tree.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(_unknown_key_message(full, [f"{prefix}{n}" for n in names]))
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, raw, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, raw, kind)
+    return cls(**kwargs)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, raw: Any, kind: Any) -> Any:
+    """Turn a YAML value or a command-line string into the field's type, or say what was expected."""
+    optional = False
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(kind))
+        kind = args[0]
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required (expected {kind.__name__})")
+    text = raw.strip() if isinstance(raw, str) else None
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if text is not None and text.lower() in ("true", "yes", "on", "1"):
+                return True
+            if text is not None and text.lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, int):
+                return raw
+            value = float(text.replace("_", "")) if text is not None else float(raw)
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(text.replace("_", "")) if text is not None else float(raw)
+        if kind is str:
+            if isinstance(raw, (dict, list)):
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported field type {kind}")  # a programming error, not a user one
+    raise ConfigError(f"{key}: expected {'an integer' if kind is int else kind.__name__}, got {raw!r}")
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def _choice_message(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    return f"{key}: {value!r} is not one of: {', '.join(choices)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Reject impossible values before any work starts. world_size is re-checked once it is known."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value not in choices:
+            raise ConfigError(_choice_message(key, value, choices))
+
+    m, t, d = cfg.model, cfg.train, cfg.data
+    _positive("model.n_layer", m.n_layer)
+    _positive("model.n_head", m.n_head)
+    _positive("model.n_embd", m.n_embd)
+    _positive("model.block_size", m.block_size)
+    _positive("model.vocab_multiple", m.vocab_multiple)
+    _positive("model.mlp_ratio", m.mlp_ratio)
+    if m.n_embd % m.n_head:
+        divisors = [h for h in range(1, min(m.n_embd, 64) + 1) if m.n_embd % h == 0]
+        raise ConfigError(
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+            f"n_head values that divide it: {', '.join(map(str, divisors))}"
+        )
+    if m.pos == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.pos=rope needs an even head size; n_embd/n_head = {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
+    if m.logit_softcap < 0:
+        raise ConfigError(f"model.logit_softcap: expected >= 0 (0 disables it), got {m.logit_softcap}")
+
+    _positive("data.vocab_size", d.vocab_size)
+    if d.vocab_size < 257 and d.tokenizer == "bpe":
+        raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least 257 tokens, got {d.vocab_size}")
+    if d.prefetch < 0:
+        raise ConfigError(f"data.prefetch: expected >= 0, got {d.prefetch}")
+
+    _positive("train.batch_size", t.batch_size)
+    per_micro = t.batch_size * m.block_size * world_size
+    if t.batch_tokens is not None:
+        _positive("train.batch_tokens", t.batch_tokens)
+        if t.batch_tokens % per_micro:
+            lower = max(per_micro, t.batch_tokens // per_micro * per_micro)
+            raise ConfigError(
+                f"train.batch_tokens={t.batch_tokens} is not a multiple of batch_size x block_size x processes "
+                f"= {t.batch_size} x {m.block_size} x {world_size} = {per_micro}; "
+                f"try train.batch_tokens={lower} or {lower + per_micro}"
+            )
+    for key in ("max_steps", "max_tokens", "max_time"):
+        value = getattr(t, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"train.{key}: expected a positive number or empty (no limit), got {value}")
+    if t.max_steps is None and t.max_tokens is None and t.max_time is None:
+        raise ConfigError("train: no budget set; give at least one of train.max_steps, train.max_tokens, train.max_time")
+    _positive("train.lr", t.lr)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {t.min_lr_ratio}")
+    if not 0.0 <= t.cooldown_frac <= 1.0:
+        raise ConfigError(f"train.cooldown_frac: expected a fraction in [0, 1], got {t.cooldown_frac}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ConfigError(f"train.{key}: expected a value in [0, 1), got {getattr(t, key)}")
+    for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "samples", "sample_tokens"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: expected >= 0, got {getattr(t, key)}")
+    for key in ("log_every", "eval_tokens", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    if t.eval_tokens < m.block_size:
+        raise ConfigError(f"train.eval_tokens={t.eval_tokens} is below one sequence (model.block_size={m.block_size})")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: expected a positive number, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing and documenting
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, from the dataclass fields and their docstrings."""
+    rows = []
+    defaults = cls()
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            rows.extend(describe_keys(kind, prefix=f"{key}."))
+            continue
+        default = getattr(defaults, f.name)
+        text = docs.get(f.name, "")
+        if key in CHOICES and "one of" not in text:
+            text = f"{text} [{'|'.join(CHOICES[key])}]"
+        rows.append((key, "" if default is None else str(default), text))
+    return rows
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right under a field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def keys_help() -> str:
+    """The config-key reference printed by `gptforge train --help`."""
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (key=value after the subcommand; YAML sections with --config):"]
+    section = None
+    for key, default, text in rows:
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append("")
+        shown = f" (default: {default})" if default != "" else ""
+        lines.append(f"  {key:<{width}}  {text}{shown}")
+    lines.append("")
+    lines.append("presets (model.preset=NAME): " + ", ".join(f"{k} ({_preset_line(v)})" for k, v in PRESETS.items()))
+    return "\n".join(lines)
+
+
+def _preset_line(values: dict[str, Any]) -> str:
+    return f"{values['n_layer']}x{values['n_embd']}, {values['n_head']} heads, context {values['block_size']}"

@@ -1,0 +1,261 @@
+"""Where documents come from: the user's files, or the built-in corpus.
+
+`collect_files` turns INPUT arguments into a file list and `Reader` streams the
+documents in them, skipping (and counting) what cannot be used.
+
+The built-in corpus is the Python standard library's own source code: every
+installation carries about 30 MB of varied, well-written text there, so
+`gptforge train` works offline with no dataset at hand. It is tokenized once into
+a cache folder and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptforge.errors import ConfigError, DataError
+
+SKIP_REASONS = {
+    "empty": "empty file, or text that is only whitespace",
+    "binary": "NUL byte in the first 8 KB",
+    "invalid_utf8": "not valid UTF-8; skipped, not repaired",
+    "malformed_json": "JSONL line that does not parse",
+    "missing_field": "no text field/column, null text, or a JSONL line that is not an object",
+    "non_string_field": "text field/column holds something other than a string",
+    "unreadable": "the operating system could not read it",
+}
+MAX_EXAMPLES = 5  # locations kept per skip reason
+SNIFF_BYTES = 8192  # a NUL byte this early means a binary file
+
+
+# ---------------------------------------------------------------- the user's files
+
+
+def collect_files(inputs: list[str], exclude: Path | None = None) -> list[Path]:
+    """Expand files, directories (recursively) and glob patterns into a de-duplicated file list.
+
+    Directory walks are sorted, so the same inputs always give the same document
+    order, and skip hidden entries and `__pycache__` (metadata, not corpus) as
+    well as `exclude` (the output folder, when preparing into a subfolder of INPUT).
+    """
+    files, seen = [], set()
+    for item in inputs:
+        path = Path(item)
+        if path.exists() or path.is_symlink():
+            matches = [path]
+        elif any(char in item for char in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"{item}: the pattern matches no files")
+        else:
+            raise DataError(f"{item}: no such file or directory")
+        for match in matches:
+            for file in _walk(match, exclude) if match.is_dir() else [match]:
+                key = os.path.realpath(file)
+                if key not in seen:
+                    seen.add(key)
+                    files.append(file)
+    return files
+
+
+def _walk(top: Path, exclude: Path | None) -> Iterator[Path]:
+    excluded = os.path.realpath(exclude) if exclude else None
+    for root, dirs, names in os.walk(top):
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".") and d != "__pycache__" and os.path.realpath(os.path.join(root, d)) != excluded
+        )
+        yield from (Path(root, name) for name in sorted(names) if not name.startswith("."))
+
+
+def file_size(path: Path) -> int:
+    """Size for progress accounting; 0 for what cannot be stat'ed."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # reported as unreadable when it is read
+
+
+def parquet_module():
+    """`pyarrow.parquet`, an optional dependency, or a DataError saying how to install it."""
+    try:
+        import pyarrow.parquet
+    except ImportError as exc:
+        raise DataError("reading .parquet files needs pyarrow: pip install gptforge[parquet]") from exc
+    return pyarrow.parquet
+
+
+@dataclass
+class Reader:
+    """Yields the documents in `files`, skipping and counting what cannot be used.
+
+    Formats go by extension: `.jsonl`/`.ndjson` hold one JSON object per line with
+    the text under `text_field`; `.parquet` has it in column `text_column`; any
+    other file is UTF-8 text and one document.
+    """
+
+    files: list[Path]
+    text_field: str = "text"
+    text_column: str = "text"
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    files_done: int = 0
+    bytes_done: int = 0
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        """(text, location) pairs; locations look like `data/x.jsonl:17`."""
+        readers = {".jsonl": self._jsonl, ".ndjson": self._jsonl, ".parquet": self._parquet}
+        for path in self.files:
+            yield from readers.get(path.suffix.lower(), self._text)(path)
+            self.files_done += 1
+
+    def skip(self, reason: str, location: str) -> None:
+        self.skipped[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(location)
+
+    def _text(self, path: Path) -> Iterator[tuple[str, str]]:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.skip("unreadable", str(path))
+            return
+        self.bytes_done += len(data)
+        if b"\0" in data[:SNIFF_BYTES]:
+            self.skip("binary", str(path))
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.skip("invalid_utf8", str(path))
+            return
+        if not text.strip():
+            self.skip("empty", str(path))
+            return
+        yield text, str(path)
+
+    def _jsonl(self, path: Path) -> Iterator[tuple[str, str]]:
+        """One document per line; blank lines are separators, not documents."""
+        lines = lineno = 0
+        try:
+            with open(path, "rb") as f:
+                if b"\0" in f.read(SNIFF_BYTES):
+                    self.skip("binary", str(path))
+                    self.bytes_done += file_size(path)
+                    return
+                f.seek(0)
+                for lineno, line in enumerate(f, 1):
+                    self.bytes_done += len(line)
+                    if line.strip():
+                        lines += 1
+                        yield from self._json_document(line, f"{path}:{lineno}")
+        except OSError:
+            self.skip("unreadable", f"{path}:{lineno + 1}" if lineno else str(path))
+            return
+        if not lines:
+            self.skip("empty", str(path))
+
+    def _json_document(self, line: bytes, location: str) -> Iterator[tuple[str, str]]:
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            self.skip("invalid_utf8", location)
+            return
+        except json.JSONDecodeError:
+            self.skip("malformed_json", location)
+            return
+        text = obj.get(self.text_field) if isinstance(obj, dict) else None
+        yield from self._checked(text, location)
+
+    def _parquet(self, path: Path) -> Iterator[tuple[str, str]]:
+        pq = parquet_module()
+        row = 0
+        try:
+            parquet = pq.ParquetFile(path)
+            if self.text_column not in parquet.schema_arrow.names:
+                self.skip("missing_field", str(path))
+            else:
+                for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_column]):
+                    for text in batch.column(0).to_pylist():
+                        row += 1
+                        yield from self._checked(text, f"{path}:row {row}")
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            self.skip("unreadable", f"{path}:row {row + 1}" if row else str(path))
+        self.bytes_done += file_size(path)
+
+    def _checked(self, text: object, location: str) -> Iterator[tuple[str, str]]:
+        """The text of one JSON line or Parquet row, if it is a usable document."""
+        if text is None:
+            self.skip("missing_field", location)
+        elif not isinstance(text, str):
+            self.skip("non_string_field", location)
+        elif not _encodable(text):
+            self.skip("invalid_utf8", location)
+        elif not text.strip():
+            self.skip("empty", location)
+        else:
+            yield text, location
+
+
+def _encodable(text: str) -> bool:
+    """False for JSON text with lone surrogate escapes ("\\ud800"), which no UTF-8 can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the built-in corpus
+
+_EXCLUDED_DIRS = {"site-packages", "dist-packages"}  # third-party code, differs per machine
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """Every `*.py` file of the standard library, sorted so the corpus is the same on every run."""
+    files = []
+    for root, dirs, names in os.walk(stdlib_dir()):
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
+        files.extend(Path(root, name) for name in names if name.endswith(".py"))
+    return sorted(files)
+
+
+def cache_root() -> Path:
+    """Where prepared data is cached: `$GPTFORGE_CACHE`, else `~/.cache/gptforge`."""
+    return Path(os.environ.get("GPTFORGE_CACHE") or Path.home() / ".cache" / "gptforge")
+
+
+def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: bool = True) -> Path:
+    """The prepared built-in corpus for this Python version, preparing it on first use.
+
+    Safe to call from several processes at once: each prepares into its own
+    temporary folder, the first to rename it into place wins, the others use that.
+    """
+    # Imported here because prepare itself falls back to `stdlib_files` above.
+    from gptforge.data.prepare import OutputExistsError, prepare
+
+    if tokenizer not in ("bpe", "bytes"):
+        raise ConfigError(f"built-in corpus tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
+    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{tokenizer}"
+    out = cache_root() / "data" / (f"{name}{vocab_size}" if tokenizer == "bpe" else name)
+    if not (out / "manifest.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            prepare([], out, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+        except OutputExistsError:
+            if not (out / "manifest.json").is_file():
+                raise
+    return out

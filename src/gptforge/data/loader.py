@@ -1,0 +1,217 @@
+"""Batches from memory-mapped token shards, built ahead in a background thread, with a resumable position.
+
+The unit is the optimizer step, not the process: each step draws one *global* batch of
+`accum x world_size x batch_size` windows of `block_size + 1` tokens, and rank r takes, for micro-step m,
+the windows [(m * world_size + r) * batch_size, ... + batch_size). The loader's state (a random generator's
+state, or a cursor in the token stream) therefore does not depend on the number of processes: a run saved by
+N processes resumes on M with the same token stream, nothing repeated or skipped, as long as the global
+batch is the same.
+
+    random      windows start anywhere (uniform over every valid start in every shard)
+    sequential  consecutive windows sweep the concatenated shards; an epoch ends when a step no longer fits
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gptforge.data.shards import ShardInfo, open_shard
+from gptforge.errors import DataError
+
+
+@dataclass(frozen=True)
+class Layout:
+    block_size: int
+    batch_size: int  # sequences per process per micro-step
+    accum: int  # micro-steps per optimizer step
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def global_windows(self) -> int:
+        return self.accum * self.world_size * self.batch_size
+
+
+class TokenStream:
+    """The shards as one stream of tokens; windows may cross shard boundaries in sequential mode."""
+
+    def __init__(self, shards: list[ShardInfo]):
+        if not shards:
+            raise DataError("no token shards to read")
+        self.arrays = [open_shard(s.path) for s in shards]
+        self.names = [str(s.path) for s in shards]
+        self.sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.total = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the concatenated stream."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self.starts, start, side="right") - 1)
+        while filled < length:
+            offset = start + filled - int(self.starts[shard])
+            take = min(length - filled, int(self.sizes[shard]) - offset)
+            out[filled : filled + take] = self.arrays[shard][offset : offset + take]
+            filled += take
+            shard += 1
+        return out
+
+
+class TokenLoader:
+    """Training batches for one process. `next_step()` returns its `accum` micro-batches (x, y) on device."""
+
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        layout: Layout,
+        *,
+        mode: str = "random",
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        prefetch: int = 2,
+        state: dict | None = None,
+    ):
+        self.stream = TokenStream(shards)
+        self.layout = layout
+        self.mode = mode
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self._pin = self.device.type == "cuda"
+        T = layout.block_size
+        if mode == "random":
+            # A window of T+1 tokens starting at s lies inside its shard when s <= size - (T+1).
+            self._valid = np.maximum(self.stream.sizes - T, 0)
+            self._valid_starts = np.concatenate([[0], np.cumsum(self._valid)])
+            if self._valid_starts[-1] == 0:
+                raise DataError(
+                    f"training shards are too short: no shard holds {T + 1} tokens (model.block_size + 1); "
+                    f"largest has {int(self.stream.sizes.max())}. Use more data or a smaller model.block_size"
+                )
+            self._rng = np.random.Generator(np.random.PCG64(seed))
+        elif mode == "sequential":
+            need = layout.global_windows * T + 1
+            if self.stream.total < need:
+                raise DataError(
+                    f"training data holds {self.stream.total} tokens, fewer than one optimizer step needs "
+                    f"({layout.global_windows} windows x {T} + 1 = {need}); use more data or a smaller batch"
+                )
+            self._cursor, self._epoch = 0, 0
+        else:
+            raise ValueError(f"unknown loader mode {mode!r}")
+        if state is not None:
+            self._load(state)
+        self._state = self._snapshot()  # position after the last step handed out
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- position --------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict:
+        if self.mode == "random":
+            return {"mode": "random", "rng": self._rng.bit_generator.state}
+        return {"mode": "sequential", "cursor": self._cursor, "epoch": self._epoch}
+
+    def _load(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise DataError(f"saved loader position is for data.loader={state.get('mode')}, this run uses {self.mode}")
+        if self.mode == "random":
+            self._rng.bit_generator.state = state["rng"]
+        else:
+            self._cursor, self._epoch = int(state["cursor"]), int(state["epoch"])
+
+    def state_dict(self) -> dict:
+        """Position after the last step returned by next_step() (batches built ahead are not counted)."""
+        return dict(self._state)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch if self.mode == "sequential" else 0
+
+    # -- building batches ------------------------------------------------------------------------------
+
+    def _global_starts(self) -> np.ndarray:
+        """Start positions (in the concatenated stream) of this step's global windows; advances the position."""
+        n, T = self.layout.global_windows, self.layout.block_size
+        if self.mode == "random":
+            picks = self._rng.integers(0, self._valid_starts[-1], size=n)
+            shard = np.searchsorted(self._valid_starts, picks, side="right") - 1
+            return self.stream.starts[shard] + (picks - self._valid_starts[shard])
+        if self._cursor + n * T + 1 > self.stream.total:
+            self._cursor, self._epoch = 0, self._epoch + 1
+        starts = self._cursor + np.arange(n, dtype=np.int64) * T
+        self._cursor += n * T
+        return starts
+
+    def _build_step(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+        L = self.layout
+        starts = self._global_starts()
+        batches = []
+        for m in range(L.accum):
+            first = (m * L.world_size + L.rank) * L.batch_size
+            rows = np.stack([self.stream.read(int(s), L.block_size + 1) for s in starts[first : first + L.batch_size]])
+            data = torch.from_numpy(rows)
+            if self._pin:
+                data = data.pin_memory()
+            batches.append((data[:, :-1], data[:, 1:]))
+        return batches, self._snapshot()
+
+    def _worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._build_step()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            self._queue.put(e)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.prefetch == 0:
+            batches, self._state = self._build_step()
+        else:
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._worker, name="gptforge-loader", daemon=True)
+                self._thread.start()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            batches, self._state = item
+        nb = self._pin
+        return [(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)) for x, y in batches]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def val_batches(
+    shards: list[ShardInfo], block_size: int, batch_size: int, eval_tokens: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation subset: the first eval_tokens of the val stream in windows, strided over ranks."""
+    stream = TokenStream(shards)
+    fits = (stream.total - 1) // block_size
+    if fits < 1:
+        raise DataError(
+            f"validation split holds {stream.total} tokens, fewer than one sequence (model.block_size + 1 = "
+            f"{block_size + 1}); prepare with a larger --val-fraction or use a smaller model.block_size"
+        )
+    n = max(1, min(eval_tokens // block_size, fits))
+    rows = [stream.read(i * block_size, block_size + 1) for i in range(rank, n, world_size)]
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        data = torch.from_numpy(np.stack(rows[i : i + batch_size]))
+        batches.append((data[:, :-1], data[:, 1:]))
+    return batches

@@ -1,0 +1,476 @@
+"""`gptforge prepare INPUT... --out DATA_DIR`: turn text, JSONL and Parquet into token shards.
+
+The corpus is streamed, never held in memory: documents are read lazily, tokenized
+in batches of a few MB (in parallel, in Rust), and appended to shard files as they
+come. Bad input is skipped and counted by reason rather than aborting a long run,
+and the output folder appears only when it is complete, so a folder named like a
+data dir is always a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from itertools import islice
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from gptforge.data.corpus import (
+    SKIP_REASONS,
+    Reader,
+    collect_files,
+    file_size,
+    parquet_module,
+    stdlib_dir,
+    stdlib_files,
+)
+from gptforge.data.shards import ShardInfo, ShardWriter, find_shards, fsync_dir, read_header, sha256_file
+from gptforge.data.tokenizer import Tokenizer
+from gptforge.errors import ConfigError, DataError, GptforgeError
+
+FORMAT, FORMAT_VERSION = "gptforge-data", 1
+SPLITS = ("train", "val")
+SHORT_DOCUMENT_TOKENS = 64
+BATCH_CHARS = 4 << 20  # per encode_batch call: enough documents to keep every core busy
+GPT2_VOCAB_SIZE = 50257  # what an llm.c uint16 shard means when nothing says otherwise
+
+
+class OutputExistsError(DataError):
+    """DATA_DIR already holds something; a concurrent prepare of the same folder may have won."""
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic per-document split: identical documents always land in the same split."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 1_000_000 < val_fraction * 1_000_000
+
+
+class SplitWriter:
+    """Routes documents to train and val shards so that both splits end non-empty.
+
+    The latest document of each split is held back; at the end, if one split got
+    nothing, the other's held-back document goes there instead (a single document
+    is cut in two). That one document is the only exception to the hash split.
+    """
+
+    def __init__(self, out_dir: Path, vocab_size: int, shard_tokens: int):
+        self.writers = {s: ShardWriter(out_dir, s, vocab_size, shard_tokens) for s in SPLITS}
+        self.documents = dict.fromkeys(SPLITS, 0)
+        self._held: dict[str, list[int] | None] = dict.fromkeys(SPLITS)
+        self._buffers: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+    def add(self, split: str, tokens: list[int]) -> None:
+        """Queue one document's tokens (EOT included); call `flush` after each batch."""
+        if self._held[split] is not None:
+            self._buffers[split].extend(self._held[split])
+        self._held[split] = tokens
+        self.documents[split] += 1
+
+    def flush(self) -> None:
+        for split, buffer in self._buffers.items():
+            if buffer:
+                self.writers[split].add(buffer)
+                buffer.clear()
+
+    def close(self) -> dict[str, list[Path]]:
+        """Write the held-back documents, first giving one to a split that got none."""
+        missing = [split for split in SPLITS if self._held[split] is None]
+        if len(missing) == 1:
+            (receiver,) = missing
+            donor = "val" if receiver == "train" else "train"
+            held = self._held[donor]
+            if self.documents[donor] >= 2:
+                self._held = {donor: None, receiver: held}
+                self.documents[donor] -= 1
+                self.documents[receiver] += 1
+            else:
+                cut = len(held) - max(1, len(held) // 10)
+                self._held = {"train": held[:cut], "val": held[cut:]}
+                self.documents[receiver] += 1  # the document now counts in both splits
+        for split, held in self._held.items():
+            self._buffers[split].extend(held or [])
+        self.flush()
+        return {split: writer.close() for split, writer in self.writers.items()}
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int) -> None:
+    """Refuse bad options before any work, so a typo never costs a first pass over the corpus."""
+    if tokenizer not in ("bpe", "bytes") and not Path(tokenizer).exists():
+        raise ConfigError(
+            f"--tokenizer {tokenizer!r}: expected 'bpe', 'bytes', or the path of a tokenizer.json or tokenizer folder"
+        )
+    if tokenizer == "bpe" and vocab_size < 257:
+        raise ConfigError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens must be positive, got {shard_tokens}")
+
+
+def _make_tokenizer(spec: str, vocab_size: int, training_texts: Iterator[str]) -> tuple[str, Tokenizer]:
+    """(manifest kind, tokenizer); `training_texts` is consumed only when a BPE is trained."""
+    if spec == "bpe":
+        return "bpe", Tokenizer.train_bpe(training_texts, vocab_size)
+    if spec == "bytes":
+        return "bytes", Tokenizer.bytes()
+    return "pretrained", Tokenizer.from_pretrained(spec)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[files]} files"),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not (enabled and sys.stdout.isatty()),
+    )
+
+
+def _tracked(reader: Reader, progress: Progress, description: str) -> Iterator[tuple[str, str]]:
+    """`reader.documents()`, advancing a progress bar by bytes read (at most once per MB)."""
+    total = sum(file_size(path) for path in reader.files)
+    task = progress.add_task(description, total=total, files=f"0/{len(reader.files)}")
+    shown = 0
+    for document in reader.documents():
+        yield document
+        if reader.bytes_done - shown >= 1 << 20:
+            shown = reader.bytes_done
+            progress.update(task, completed=shown, files=f"{reader.files_done}/{len(reader.files)}")
+    progress.update(task, completed=total, files=f"{len(reader.files)}/{len(reader.files)}")
+
+
+def _batches(documents: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    batch, chars = [], 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document[0])
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _skip_summary(reader: Reader) -> str:
+    if not reader.skipped:
+        return "nothing was skipped"
+    return "; ".join(
+        f"{reason} {reader.skipped[reason]} (e.g. {', '.join(reader.examples[reason][:2])})"
+        for reason in SKIP_REASONS
+        if reader.skipped[reason]
+    )
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out}: already exists and is not empty; pass --force to replace it")
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder into place; with `force`, swap it with the old one."""
+    try:
+        os.rename(tmp, out)  # atomic; also replaces an empty directory
+    except OSError as exc:
+        if not out.is_dir() or not any(out.iterdir()):
+            raise
+        if not force:
+            raise OutputExistsError(f"{out}: was created by someone else while preparing") from exc
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    fsync_dir(out.parent)
+
+
+def _gptforge_version() -> str:
+    try:
+        return version("gptforge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def prepare(
+    inputs: list[str],
+    out: str | Path,
+    *,
+    tokenizer: str = "bpe",
+    vocab_size: int = 8192,
+    text_field: str = "text",
+    text_column: str = "text",
+    val_fraction: float = 0.005,
+    shard_tokens: int = 100_000_000,
+    force: bool = False,
+    progress: bool = True,
+    max_train_docs_for_tokenizer: int | None = None,
+) -> dict:
+    """Tokenize `inputs` (the built-in corpus when empty) into DATA_DIR `out`; returns the manifest.
+
+    A BPE tokenizer is trained on a first pass over the documents (or the first
+    `max_train_docs_for_tokenizer` of them); the second pass tokenizes.
+    """
+    start = time.perf_counter()
+    _check_options(tokenizer, vocab_size, val_fraction, shard_tokens)
+    out = Path(out)
+    _check_output(out, force)
+    files = collect_files(inputs, exclude=out) if inputs else stdlib_files()
+    if any(path.suffix.lower() == ".parquet" for path in files):
+        parquet_module()  # fail now, not after training a tokenizer
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
+    tmp.mkdir(parents=True)
+    try:
+        with _progress(progress) as bar:
+            first_pass = _tracked(Reader(files, text_field, text_column), bar, "training tokenizer")
+            training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
+            kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
+            reader = Reader(files, text_field, text_column)
+            splits, short = _tokenize(reader, tok, bar, tmp, val_fraction, shard_tokens)
+        _write_durably(tmp / "tokenizer.json", tok.to_json())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "splits": splits,
+            "skipped": {reason: reader.skipped[reason] for reason in SKIP_REASONS},
+            "skipped_examples": {reason: reader.examples.get(reason, []) for reason in SKIP_REASONS},
+            "stats": {
+                "files": len(files),
+                "bytes": reader.bytes_done,
+                "short_documents": short,
+                "elapsed_s": round(time.perf_counter() - start, 3),
+            },
+            "inputs": list(inputs) or [f"builtin:{stdlib_dir()}"],
+            "val_fraction": val_fraction,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "gptforge_version": _gptforge_version(),
+        }
+        _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        fsync_dir(tmp)
+        _install(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _tokenize(
+    reader: Reader, tok: Tokenizer, bar: Progress, out_dir: Path, val_fraction: float, shard_tokens: int
+) -> tuple[dict, int]:
+    """Second pass: tokenize every document into split shards; returns the manifest's splits and
+    the number of short documents."""
+    writer = SplitWriter(out_dir, tok.vocab_size, shard_tokens)
+    short = 0
+    for batch in _batches(_tracked(reader, bar, "tokenizing")):
+        for (text, location), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
+            if not ids:  # possible with tokenizers whose normalizer drops characters
+                reader.skip("empty", location)
+                continue
+            short += len(ids) < SHORT_DOCUMENT_TOKENS
+            writer.add("val" if is_val(text, val_fraction) else "train", ids + [tok.eot_id])
+        writer.flush()
+    if not any(writer.documents.values()):
+        raise DataError(f"no usable documents in {len(reader.files)} input files: {_skip_summary(reader)}")
+    paths = writer.close()
+    splits = {}
+    for split in SPLITS:
+        shards = [
+            {"file": path.name, "tokens": read_header(path).num_tokens, "sha256": sha256_file(path)}
+            for path in paths[split]
+        ]
+        tokens = sum(shard["tokens"] for shard in shards)
+        splits[split] = {"documents": writer.documents[split], "tokens": tokens, "shards": shards}
+    return splits, short
+
+
+# ---------------------------------------------------------------- loading a data dir
+
+
+@dataclass
+class DataDir:
+    path: Path
+    train: list[ShardInfo]
+    val: list[ShardInfo]
+    tokenizer: Tokenizer | None
+    vocab_size: int
+    manifest: dict | None
+
+
+def load_data_dir(data_dir: str | Path, *, verify_sha256: bool = True) -> DataDir:
+    """Open a folder of shards written by `prepare`, llm.c or modded-nanogpt, checking it first.
+
+    With a manifest every shard must match its recorded token count (and sha256 when
+    `verify_sha256`); without one, shards are found by name and the vocabulary size
+    comes from tokenizer.json, the shard headers, or GPT-2's for llm.c uint16 shards.
+    """
+    path = Path(data_dir)
+    if ".tmp-" in path.name:
+        raise DataError(f"{path}: a folder left by an interrupted prepare; run gptforge prepare again")
+    if not path.is_dir():
+        raise DataError(f"{path}: not a data directory; create one with gptforge prepare")
+    tokenizer_path = path / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path.is_file() else None
+    manifest_path = path / "manifest.json"
+    if manifest_path.is_file():
+        manifest = _read_manifest(manifest_path)
+        splits = _manifest_shards(path, manifest, verify_sha256)
+        vocab_size = manifest["tokenizer"]["vocab_size"]
+        if tokenizer and verify_sha256 and sha256_file(tokenizer_path) != manifest["tokenizer"]["sha256"]:
+            raise DataError(f"{tokenizer_path}: sha256 differs from manifest.json; the file was changed or damaged")
+    else:
+        manifest = None
+        splits = {split: [read_header(p) for p in find_shards(path, split)] for split in SPLITS}
+        vocab_size = tokenizer.vocab_size if tokenizer else _vocab_from_headers(path, splits)
+    if not splits["train"] or not splits["val"]:
+        found = sorted(p.name for p in path.iterdir())
+        raise DataError(
+            f"{path}: found {len(splits['train'])} train and {len(splits['val'])} val shards "
+            f"(files: {', '.join(found[:10]) or 'none'}); expected train_*.bin and val_*.bin "
+            "(or llm.c's *_train*.bin / *_val*.bin); create them with gptforge prepare"
+        )
+    return DataDir(path, splits["train"], splits["val"], tokenizer, vocab_size, manifest)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a gptforge data manifest (expected \"format\": \"{FORMAT}\")")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format_version {manifest.get('format_version')} is not supported "
+            f"(expected {FORMAT_VERSION}); prepare the data again"
+        )
+    return manifest
+
+
+def _manifest_shards(path: Path, manifest: dict, verify_sha256: bool) -> dict[str, list[ShardInfo]]:
+    splits = {}
+    try:
+        for split in SPLITS:
+            splits[split] = []
+            for entry in manifest["splits"][split]["shards"]:
+                shard = path / entry["file"]
+                if not shard.is_file():
+                    raise DataError(f"{shard}: listed in manifest.json but missing")
+                info = read_header(shard)
+                if info.num_tokens != entry["tokens"]:
+                    raise DataError(f"{shard}: has {info.num_tokens} tokens, manifest.json says {entry['tokens']}")
+                if verify_sha256 and sha256_file(shard) != entry["sha256"]:
+                    raise DataError(f"{shard}: sha256 differs from manifest.json; the file was changed or damaged")
+                splits[split].append(info)
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path / 'manifest.json'}: malformed, missing or wrong entry {exc}") from exc
+    return splits
+
+
+def _vocab_from_headers(path: Path, splits: dict[str, list[ShardInfo]]) -> int:
+    shards = [info for infos in splits.values() for info in infos]
+    recorded = {info.vocab_size for info in shards if info.vocab_size}
+    if len(recorded) > 1:
+        raise DataError(f"{path}: shards disagree on the vocabulary size: {sorted(recorded)}")
+    if recorded:
+        return recorded.pop()
+    if shards and all(info.dtype.itemsize == 2 for info in shards):
+        return GPT2_VOCAB_SIZE
+    raise DataError(
+        f"{path}: cannot tell the vocabulary size of its uint32 shards; "
+        "put the tokenizer.json they were made with into the folder"
+    )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT",
+        help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything else is "
+        "UTF-8 text, one document per file (default: the Python standard library's source)",
+    )
+    parser.add_argument("--out", required=True, metavar="DATA_DIR", help="folder to create with the shards")
+    parser.add_argument(
+        "--tokenizer", default="bpe",
+        help="'bpe' (trained on the inputs), 'bytes', or a tokenizer.json / Hugging Face tokenizer folder",
+    )
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
+    parser.add_argument("--text-field", default="text", help="JSONL key holding the text")
+    parser.add_argument("--text-column", default="text", help="Parquet column holding the text")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.005,
+        help="share of documents held out for validation, chosen by a hash of each document",
+    )
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file")
+    parser.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar; print one line at the end")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """`gptforge prepare`: prepare, then print the summary; errors become one line and exit code 2."""
+    try:
+        manifest = prepare(
+            args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            text_field=args.text_field, text_column=args.text_column, val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens, force=args.force, progress=not args.quiet,
+        )
+    except GptforgeError as exc:
+        print(f"gptforge prepare: error: {exc}", file=sys.stderr)
+        return 2
+    splits = manifest["splits"]
+    if args.quiet:
+        print(f"{args.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens")
+    else:
+        Console().print(summary_table(manifest, args.out))
+    return 0
+
+
+def summary_table(manifest: dict, out: str | Path) -> Table:
+    """What `prepare` did, for people: sizes, speed, and every reason something was skipped."""
+    stats, tok = manifest["stats"], manifest["tokenizer"]
+    table = Table(title=f"Prepared {escape(str(out))}", show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # long paths wrap rather than lose their line numbers
+    mb = stats["bytes"] / 1e6
+    speed = mb / stats["elapsed_s"] if stats["elapsed_s"] else 0.0
+    table.add_row("files read", f"{stats['files']:,} ({mb:,.1f} MB in {stats['elapsed_s']:.1f} s, {speed:,.1f} MB/s)")
+    table.add_row("tokenizer", f"{tok['kind']}, vocab {tok['vocab_size']:,}, end-of-text id {tok['eot_id']}")
+    for split, info in manifest["splits"].items():
+        table.add_row(
+            split, f"{info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)"
+        )
+    table.add_row("short documents", f"{stats['short_documents']:,} (< {SHORT_DOCUMENT_TOKENS} tokens, kept)")
+    for reason, count in manifest["skipped"].items():
+        if count:
+            examples = escape(", ".join(manifest["skipped_examples"][reason]))
+            table.add_row(f"skipped: {reason}", f"{count:,} ({SKIP_REASONS[reason]}) e.g. {examples}", style="yellow")
+    return table

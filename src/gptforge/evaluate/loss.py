@@ -1,0 +1,42 @@
+"""Validation loss, bits per byte and perplexity on a fixed set of batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gptforge.train.precision import Precision
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    precision: Precision,
+    token_bytes: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean loss per token (nats), bits per byte and perplexity over `batches`.
+
+    Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, so models with
+    different tokenizers can be compared; it is None when the tokenizer is unknown.
+    """
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    nbytes = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with precision.autocast():
+            losses = model(x, y, reduction="none")  # (B, T)
+        nats += losses.double().sum()
+        count += y.numel()
+        if token_bytes is not None:
+            nbytes += int(token_bytes[y.cpu()].sum())
+    model.train(was_training)
+    loss = float(nats) / count
+    bpb = float(nats) / (math.log(2) * nbytes) if nbytes else None
+    return {"val_loss": loss, "val_bpb": bpb, "perplexity": math.exp(min(loss, 700.0))}

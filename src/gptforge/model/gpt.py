@@ -1,0 +1,347 @@
+"""GPT: a pure nn.Module. Nothing here knows about devices, precision or processes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT. Every field is a `model.<name>` config key."""
+
+    vocab_size: int = 8192
+    """Tokenizer vocabulary size; set from the data's tokenizer at run time."""
+    block_size: int = 256
+    """Maximum sequence length (context window) in tokens."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 256
+    """Width of the residual stream."""
+    mlp: str = "gelu"
+    """MLP activation: gelu, relu2 (squared ReLU) or swiglu."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of n_embd (swiglu uses 2/3 of it, rounded up to a multiple of 64)."""
+    norm: str = "rmsnorm"
+    """Normalization: layernorm or rmsnorm."""
+    pos: str = "rope"
+    """Position encoding: learned (GPT-2 style absolute embeddings) or rope (rotary)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    qk_norm: bool = False
+    """Normalize queries and keys (RMS) per head before attention."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights and residual branches (0 disables it)."""
+    bias: bool = False
+    """Bias terms in linear layers and LayerNorm."""
+    logit_softcap: float = 0.0
+    """Soft-cap the output logits with cap*tanh(logits/cap); 0 disables it."""
+    vocab_multiple: int = 128
+    """Pad the embedding and head to a multiple of this many rows (tensor-core friendly)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":
+            hidden = ((2 * hidden // 3 + 63) // 64) * 64
+        return hidden
+
+    def validate(self) -> None:
+        """Raise ValueError for a shape or choice the model cannot be built with."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        choices = {"mlp": ("gelu", "relu2", "swiglu"), "norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"rotary positions need an even head_dim, got n_embd/n_head = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+
+
+RMS_NORM_EPS = 1e-6
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """LayerNorm (bias iff config.bias) or RMSNorm, both with a learnable gain initialised to one."""
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, bias=config.bias)
+    # A fixed eps rather than torch's dtype-dependent default, so fp32 and bf16 runs normalise alike.
+    return nn.RMSNorm(dim, eps=RMS_NORM_EPS)
+
+
+def rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (block_size, head_dim // 2), in float32.
+
+    Computed in float32 whatever the model's dtype: in bf16 the angle pos * freq loses all fractional
+    precision after a few hundred positions.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[..., i], x[..., i + hd/2]) by its position's angle (GPT-NeoX / Llama half-split layout).
+
+    x is (B, n_head, T, hd); cos and sin are (T, hd/2) and broadcast over batch and heads. The rotation
+    runs in x's dtype, so under autocast it costs no float32 copies of q and k.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hd)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, so each new token costs one position, not the prefix.
+
+    Per layer, k and v are (batch_size, n_head, max_len, head_dim): `cache.k[layer]`. Attention writes the
+    keys of a chunk of T new tokens at [pos, pos + T) and attends over [0, pos + T); GPT.forward then
+    advances `pos` by T. The storage is allocated once, on the first write, on `device` and in `dtype`;
+    either left as None is taken from the first keys written, so a cache follows the model's device and
+    autocast dtype without being told.
+    """
+
+    def __init__(self, batch_size: int, config: GPTConfig, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        max_len = config.block_size if max_len is None else max_len
+        if not 1 <= max_len <= config.block_size:
+            raise ValueError(f"KVCache max_len must be in [1, block_size={config.block_size}], got {max_len}")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.device = device
+        self.dtype = dtype
+        self.k: torch.Tensor | None = None  # (n_layer, B, nh, max_len, hd) once allocated
+        self.v: torch.Tensor | None = None
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget every position; the storage is kept and overwritten by the next prefill."""
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hd) at [pos, pos + T) of `layer`; return that layer's keys and values up to pos + T."""
+        if self.k is None:
+            self.k = torch.empty(self.shape, device=k.device if self.device is None else self.device,
+                                 dtype=k.dtype if self.dtype is None else self.dtype)
+            self.v = torch.empty_like(self.k)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        # .to is a no-op unless the cache was given a dtype other than the one attention computes in.
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)  # (B, nh, end, hd)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # qk_norm: RMSNorm over head_dim with one learnable gain shared by all heads (as in OLMo 2 and
+        # Qwen 3). Without the gain, |q| = |k| = sqrt(hd) would cap every attention logit at sqrt(hd)
+        # and stop a head from ever attending sharply.
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+        past = 0 if cache is None else cache.pos
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hd)
+        mask = None
+        if past > 0 and T > 1:
+            # A chunk appended to a filled cache: query i sees every cached position and new positions <= i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, past + T)
+        # past == 0: plain causal attention. One new token (T == 1) may attend to everything cached.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.mlp_hidden
+        # swiglu: one matmul produces gate and up side by side, [gate | up], then silu(gate) * up.
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's approximation
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model.
+
+    Module names follow nanoGPT and GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, lm_head, ...),
+    so GPT-2 weights map one to one onto a learned/layernorm/gelu/bias config.
+
+    Saving: with tie_embeddings, state_dict() lists the one shared matrix twice, as transformer.wte.weight
+    and lm_head.weight. safetensors.torch.save_file refuses shared tensors; use
+    safetensors.torch.save_model(model, path) and load_model(model, path), which store the matrix once
+    and re-tie it on load. The rotary tables are non-persistent buffers, rebuilt by the constructor and
+    never saved.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.transformer.ln_f = make_norm(config, config.n_embd)
+        if config.pos == "rope":
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02), zero biases, and residual output projections scaled by 1/sqrt(2 * n_layer)
+        so the residual stream's variance does not grow with depth (two residual additions per layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_proj", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, the tied matrix counted once. exclude_embeddings drops the token and learned
+        position tables (with tied embeddings that removes the head too: it is the same matrix)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T), or the loss when targets (B, T) are given.
+
+        With a cache, idx continues the cached sequence: positions start at cache.pos, and cache.pos
+        advances by T. reduction is 'mean' or 'sum' (scalars) or 'none' (per-token losses, (B, T));
+        targets equal to -1 are ignored.
+        """
+        B, T = idx.shape
+        past = 0 if cache is None else cache.pos
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds "
+                             f"block_size={self.config.block_size}")
+        if cache is not None and (B != cache.batch_size or past + T > cache.max_len):
+            raise ValueError(f"batch of {B} x {T} tokens does not fit a KVCache of batch_size={cache.batch_size}, "
+                             f"max_len={cache.max_len} holding {past} positions")
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))  # (B, T, C)
+        else:
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # (T, hd/2) each
+        for block in self.transformer.h:
+            x = block(x, rope, cache)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if cache is not None:
+            cache.pos += T
+
+        if targets is None:
+            return self.logits(x)
+        return self.loss(x, targets, reduction)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, C) -> logits (B, T, vocab_size) over the real vocabulary, in the head's
+        output dtype (autocast decides); the padded columns are dropped as a view."""
+        logits = self.lm_head(hidden)[..., :self.config.vocab_size]  # (B, T, vocab_size)
+        return self._softcap(logits)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Final hidden states (B, T, C) and targets (B, T) -> cross entropy, computed in float32.
+
+        The one place that turns hidden states into a loss, so a fused chunked linear + cross-entropy can
+        replace it without touching forward.
+        """
+        logits = self.lm_head(hidden).flatten(0, 1)  # (B*T, padded_vocab)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[:, :self.config.vocab_size]  # (B*T, vocab_size), a strided view, no copy
+        logits = self._softcap(logits.float())
+        loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-1, reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss

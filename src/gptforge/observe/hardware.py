@@ -1,0 +1,71 @@
+"""Peak FLOP/s for MFU: datasheet figures for known GPUs, a short measured matmul elsewhere."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense (no sparsity) datasheet peaks in FLOP/s, by the precision the matmuls run in.
+DATASHEET: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+def datasheet_peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DATASHEET.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.25) -> float:
+    """FLOP/s of a square matmul of random data on this device, after one warm-up."""
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global generators untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    torch.mm(a, b)
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+        torch.mm(a, b)
+        count += 1
+        if count % 4 == 0:
+            _sync(device)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return 2 * n**3 * count / elapsed
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """The peak MFU is measured against: the datasheet where known, else a measured matmul rate."""
+    peak = datasheet_peak(device, precision)
+    if peak is not None:
+        return peak
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return measured_matmul_flops(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

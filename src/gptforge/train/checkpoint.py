@@ -1,0 +1,255 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, a sha256 manifest, written atomically.
+
+Layout of RUN_DIR/checkpoints/step_<N>/:
+    model.safetensors      model weights (tied weights stored once)
+    optimizer.safetensors  optimizer tensors, keyed "state.<param index>.<name>"
+    state.json             step, counters, config, RNG states, loader position, optimizer hyper-parameters
+    tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
+    manifest.json          size and sha256 of every file above; written last
+
+A checkpoint is built in a hidden sibling folder, every file fsynced, then renamed into place: a crash leaves
+either the previous set of checkpoints or the new one, never a half-written `step_<N>`. On load every file is
+checked against the manifest before a byte of it is used; a checkpoint that fails is reported (file and
+check) and the next older intact one is taken. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from gptforge.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    files: dict[str, Path] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write step_<step> atomically and prune all but the newest `keep`. Returns the checkpoint folder."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    save_model(model, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {**state, "optimizer": meta}
+    _write_json(tmp / "state.json", state)
+    for name, src in (files or {}).items():
+        shutil.copyfile(src, tmp / name)
+
+    entries = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync_file(path)
+        entries[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    _write_json(tmp / MANIFEST, {"format": "gptforge-checkpoint", "version": 1, "step": step, "files": entries})
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+
+    if final.exists():  # the same step written again (after a resume): swap, so one intact copy always exists
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and folders left by interrupted writes."""
+    for stale in root.glob(".tmp-step_*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-step_*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for path in list_checkpoints(root)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (everything else)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoint folders, newest first. Hidden temporary folders are never listed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify(path: str | Path) -> list[str]:
+    """Problems with a checkpoint folder, each naming the file and the failed check; empty when intact."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing (the checkpoint was never completed)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{manifest_path}: unreadable manifest ({e})"]
+    problems = []
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or changed)")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{file}: sha256 does not match the manifest (corrupted)")
+    for required in ("model.safetensors", "state.json"):
+        if required not in entries:
+            problems.append(f"{path / required}: not listed in the manifest")
+    return problems
+
+
+def find_latest(run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint of a run (or None); every rejected newer one is reported."""
+    for path in list_checkpoints(checkpoint_root(run_dir)):
+        problems = verify(path)
+        if not problems:
+            return path
+        report(f"checkpoint {path.name} rejected: " + "; ".join(problems))
+    return None
+
+
+def resolve(path: str | Path, report: Callable[[str], None] = print) -> Path:
+    """A checkpoint folder from a run directory (its newest intact checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
+        problems = verify(path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} failed its checks: " + "; ".join(problems))
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    latest = find_latest(path, report=report)
+    if latest is None:
+        raise CheckpointError(f"{path}: no intact checkpoint under {checkpoint_root(path)}")
+    return latest
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / 'state.json'}: unreadable ({e})") from None
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load model.safetensors into `model` (strict: every key, every shape)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        load_model(model, str(file), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot be loaded into this model ({e})") from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path, state: dict[str, Any]) -> None:
+    file = Path(path) / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, allow_nan=True))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)

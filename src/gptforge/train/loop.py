@@ -1,0 +1,290 @@
+"""The training loop: one loop for CPU, GPU, pre-training and fine-tuning.
+
+Order of work: resolve data and vocabulary -> find a checkpoint to resume -> build the model (pure module),
+move it, apply compile from outside -> optimizer -> loader -> steps. Each step: one global batch split into
+micro-steps (gradient accumulation), clip, skip if not finite, AdamW, schedule. Evaluation, logging and
+checkpoints happen at step boundaries, so a checkpoint captures everything a bit-identical resume needs:
+weights, optimizer, every RNG, the loader position and the counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptforge import __version__
+from gptforge.config import Config, save_config, validate
+from gptforge.data.loader import Layout, TokenLoader, val_batches
+from gptforge.data.prepare import DataDir, load_data_dir
+from gptforge.errors import CheckpointError
+from gptforge.evaluate.loss import evaluate
+from gptforge.model.flops import flops_per_token, num_params
+from gptforge.model.gpt import GPT
+from gptforge.observe import console
+from gptforge.observe.hardware import peak_flops
+from gptforge.observe.metrics import MetricsLog, truncate_after
+from gptforge.parallel.apply import apply_compile
+from gptforge.parallel.world import current_world
+from gptforge.train import checkpoint, rng
+from gptforge.train.optim import build_optimizer
+from gptforge.train.precision import pick_device, resolve_precision
+from gptforge.train.schedule import lr_multiplier, progress
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    time_s: float
+    train_loss: float | None
+    val: dict[str, Any] | None
+    resumed_from: int | None
+    samples: list[str] = field(default_factory=list)
+
+
+def resolve_data(cfg: Config) -> DataDir:
+    """The prepared data of a run: data.dir, or the built-in corpus prepared once into the cache."""
+    if cfg.data.dir:
+        return load_data_dir(cfg.data.dir, verify_sha256=cfg.data.verify)
+    from gptforge.data.corpus import builtin_data_dir
+
+    path = builtin_data_dir(cfg.data.tokenizer, cfg.data.vocab_size, progress=console.is_tty())
+    return load_data_dir(path, verify_sha256=cfg.data.verify)
+
+
+def _check_same_run(saved: dict[str, Any], cfg: Config, data: DataDir, run_dir: Path) -> None:
+    """A run directory may only be resumed by the same model on the same tokenizer."""
+    old, new = saved["config"]["model"], dataclasses.asdict(cfg.model)
+    diffs = [f"model.{k}: {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k != "preset" and old.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"{run_dir} holds a run of a different model ({'; '.join(diffs)}). "
+            "Choose another run.dir, or delete that one to start over."
+        )
+    saved_tok = saved.get("tokenizer_sha256")
+    if data.tokenizer is not None and saved_tok and saved_tok != data.tokenizer.sha256:
+        raise CheckpointError(f"{run_dir} was trained with a different tokenizer than {data.path} has; choose another run.dir")
+
+
+def train(cfg: Config) -> TrainResult:
+    world = current_world()
+    validate(cfg, world.world_size)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    rng.seed_everything(cfg.run.seed + world.rank)
+    say = console.printer(world.is_main)
+
+    data = resolve_data(cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt = checkpoint.find_latest(run_dir, report=lambda msg: say(f"[yellow]{msg}[/]"))
+    saved = checkpoint.read_state(ckpt) if ckpt else None
+    if saved:
+        _check_same_run(saved, cfg, data, run_dir)
+    if world.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        if data.tokenizer is not None:
+            data.tokenizer.save(run_dir / "tokenizer.json")
+
+    device = pick_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    raw_model = GPT(cfg.model).to(device)
+    if ckpt:
+        checkpoint.load_weights(raw_model, ckpt)
+    model = apply_compile(raw_model, cfg.train.compile)
+    optimizer = build_optimizer(raw_model, cfg.train, device.type)
+    if saved and "optimizer" in saved:
+        checkpoint.load_optimizer(optimizer, ckpt, saved)
+    scaler = precision.grad_scaler()
+    if scaler is not None and saved and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+
+    accum = cfg.grad_accum_steps(world.world_size)
+    step_tokens = cfg.tokens_per_step(world.world_size)
+    layout = Layout(cfg.model.block_size, cfg.train.batch_size, accum, world.rank, world.world_size)
+    loader = TokenLoader(
+        data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
+        prefetch=cfg.data.prefetch, state=saved["loader"] if saved else None,
+    )
+    val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens, world.rank, world.world_size)
+    token_bytes = torch.from_numpy(data.tokenizer.token_byte_lengths()) if data.tokenizer is not None else None
+
+    step, tokens, time_s = 0, 0, 0.0
+    if saved:
+        step, tokens, time_s = saved["step"], saved["tokens"], saved["time_s"]
+        dropped = truncate_after(run_dir, step) if world.is_main else 0
+    metrics = MetricsLog(run_dir, enabled=world.is_main, tensorboard=cfg.run.tensorboard)
+    if saved:
+        metrics.event("resume", step, checkpoint=ckpt.name, dropped_lines=dropped)
+
+    counts = num_params(raw_model)
+    fpt = flops_per_token(cfg.model)
+    peak = peak_flops(device, precision.name)
+    say(
+        f"gptforge {__version__} | {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
+        f"non-embedding) | {device.type} {precision.name} | {step_tokens} tokens/step "
+        f"({cfg.train.batch_size} x {cfg.model.block_size} x {accum} accum x {world.world_size} proc) | data {data.path}"
+    )
+    if saved:
+        say(f"resumed from {ckpt} (step {step}, {tokens} tokens, {time_s:.1f}s)")
+
+    def budget_left() -> bool:
+        t = cfg.train
+        return not (
+            (t.max_steps is not None and step >= t.max_steps)
+            or (t.max_tokens is not None and tokens >= t.max_tokens)
+            or (t.max_time is not None and time_s >= t.max_time)
+        )
+
+    def save() -> None:
+        state = {
+            "format": "gptforge-train-state",
+            "gptforge_version": __version__,
+            "step": step,
+            "tokens": tokens,
+            "time_s": time_s,
+            "config": cfg.to_dict(),
+            "rng": {str(world.rank): rng.capture()},
+            "loader": loader.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "tokenizer_sha256": data.tokenizer.sha256 if data.tokenizer is not None else None,
+            "world_size": world.world_size,
+            "last_val": last_val,
+        }
+        files = {"tokenizer.json": run_dir / "tokenizer.json"} if data.tokenizer is not None else {}
+        if world.is_main:
+            checkpoint.save_checkpoint(
+                run_dir, step, model=raw_model, optimizer=optimizer, state=state, files=files,
+                keep=cfg.train.keep_checkpoints,
+            )
+        nonlocal last_saved
+        last_saved = step
+
+    def run_eval() -> dict[str, Any]:
+        result = evaluate(model, val, precision, token_bytes, device)
+        metrics.write({"step": step, "tokens": tokens, "time_s": round(time_s, 3), **result})
+        bpb = f", {result['val_bpb']:.3f} bits/byte" if result["val_bpb"] is not None else ""
+        say(f"step {step}: val loss {result['val_loss']:.4f}{bpb}")
+        return result
+
+    last_val: dict[str, Any] | None = saved.get("last_val") if saved else None
+    last_saved = step if saved else -1
+    train_loss = None
+    if not budget_left():
+        say(f"the run in {run_dir} has met its budget at step {step}; raise train.max_steps/max_tokens/max_time to go on")
+    elif step == 0:
+        last_val = run_eval()
+
+    if saved:  # last thing before the first step, so nothing in the set-up can consume random numbers
+        rng.restore(saved["rng"][str(world.rank)])
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    window_tokens, window_time = 0, 0.0
+    bar = console.TrainProgress(enabled=world.is_main)
+    model.train()
+    try:
+        while budget_left():
+            t0 = time.perf_counter()
+            frac = progress(cfg.train, step, tokens, time_s)
+            lr = cfg.train.lr * lr_multiplier(cfg.train, step, frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            loss_sum = torch.zeros((), device=device)
+            for x, y in loader.next_step():
+                with precision.autocast():
+                    loss = model(x, y) / accum
+                loss_sum += loss.detach()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if scaler is not None:  # the scaler skips steps with inf/nan gradients itself
+                scaler.step(optimizer)
+                scaler.update()
+                finite = True
+            else:
+                finite = not cfg.train.skip_nonfinite or bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            if device.type == "cuda" and step % cfg.train.log_every == 0:
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            tokens += step_tokens
+            time_s += dt
+            window_tokens += step_tokens
+            window_time += dt
+
+            if not finite:
+                metrics.event("skip_nonfinite", step, loss=float(loss_sum), grad_norm=float(grad_norm))
+                say(f"[yellow]step {step}: non-finite loss or gradient norm; optimizer step skipped[/]")
+            if step % cfg.train.log_every == 0 or not budget_left():
+                train_loss = float(loss_sum)
+                tps = window_tokens / window_time
+                record = {
+                    "step": step, "tokens": tokens, "time_s": round(time_s, 3), "lr": lr,
+                    "train_loss": train_loss, "grad_norm": float(grad_norm), "tokens_per_sec": round(tps, 1),
+                    "mfu": round(fpt * tps / peak, 5),
+                }
+                metrics.write(record)
+                bar.update(record, progress(cfg.train, step, tokens, time_s))
+                window_tokens, window_time = 0, 0.0
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and budget_left():
+                last_val = run_eval()
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and budget_left():
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        loader.close()
+        metrics.event("interrupted", step)
+        metrics.close()
+        say(f"interrupted: saved step {step} to {run_dir}; run the same command again to resume")
+        raise
+    bar.close()
+    loader.close()
+
+    if step != last_saved:
+        last_val = run_eval()
+        save()
+    metrics.close()
+    say(f"done: step {step}, {tokens:,} tokens in {time_s:.1f}s of training; run saved in {run_dir}")
+
+    samples = []
+    if world.is_main and data.tokenizer is not None and cfg.train.samples:
+        samples = sample_texts(raw_model, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
+        for i, text in enumerate(samples):
+            console.show_sample(i, text)
+    return TrainResult(run_dir, step, tokens, time_s, train_loss, last_val, saved["step"] if saved else None, samples)
+
+
+def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:
+    """Unconditional samples (each starts right after an end-of-text token) or continuations of `prompt`."""
+    from gptforge.evaluate.generate import generate
+
+    was_training = model.training
+    model.eval()
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    texts = []
+    for i in range(n):
+        new = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed + i, eot_id=tokenizer.eot_id)
+        texts.append(prompt + tokenizer.decode(new))
+    model.train(was_training)
+    return texts

@@ -1,0 +1,31 @@
+"""Shared fixtures: a private cache folder and a small prepared corpus (a slice of the standard library)."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the tests away from the user's ~/.cache/gptforge."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GPTFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """~0.5 MB of real Python (the json and email packages) prepared with a 512-token BPE."""
+    from gptforge.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("small")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email"):
+        shutil.copytree(stdlib / package, root / "src" / package, ignore=shutil.ignore_patterns("__pycache__"))
+    prepare([str(root / "src")], root / "data", vocab_size=512, progress=False)
+    return root / "data"

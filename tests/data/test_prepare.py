@@ -1,0 +1,424 @@
+"""`prepare`: input discovery, every bad-input case, the train/val split, atomic output,
+determinism, the command line, and the built-in corpus."""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptforge.data import corpus
+from gptforge.data import prepare as prepare_module
+from gptforge.data.prepare import (
+    OutputExistsError,
+    add_prepare_arguments,
+    is_val,
+    load_data_dir,
+    prepare,
+    run_prepare,
+)
+from gptforge.data.shards import open_shard
+from gptforge.data.tokenizer import EOT, Tokenizer
+from gptforge.errors import ConfigError, DataError
+
+GOOD_FILES = {
+    "notes.txt": "plain text notes\nwith two lines\n",
+    "src/module.py": "def add(a, b):\n\treturn a + b\n",
+    "docs/readme.md": "# Title\n\nSome *markdown* with emoji 🙂\r\n",
+}
+JSONL_GOOD = ["first json document", "second json document"]
+PARQUET_GOOD = ["parquet one", "parquet two"]
+GOOD_DOCUMENTS = set(GOOD_FILES.values()) | set(JSONL_GOOD) | set(PARQUET_GOOD)
+
+
+def write_parquet(path: Path, **columns) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Path:
+    """A folder with every supported format and every kind of bad input."""
+    root = tmp_path / "corpus"
+    for name, text in GOOD_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(text.encode("utf-8"))
+    (root / "docs.jsonl").write_bytes(b"\n".join([
+        json.dumps({"text": JSONL_GOOD[0]}).encode(),  # 1
+        b'{"text": 42}',  # 2 non_string_field
+        b'{"title": "no text"}',  # 3 missing_field
+        b'["not", "an", "object"]',  # 4 missing_field
+        b"",  # 5 blank: a separator, not a document
+        b'{"text": "   "}',  # 6 empty
+        b'{"text": "lone surrogate \\ud800"}',  # 7 invalid_utf8
+        json.dumps({"text": JSONL_GOOD[1]}).encode(),  # 8
+        b'{"text": "latin-1 \xe9"}',  # 9 invalid_utf8
+        b'{"text": "truncated',  # 10 malformed_json
+    ]))
+    (root / "empty.jsonl").write_bytes(b"")
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.md").write_text("  \n\t\n")
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    (root / "latin1.txt").write_bytes(b"caf\xe9")
+    (root / "dangling.txt").symlink_to(root / "nowhere")
+    write_parquet(root / "data.parquet", text=["parquet one", None, "", "parquet two"])
+    write_parquet(root / "nocol.parquet", body=["text in the wrong column"])
+    write_parquet(root / "ints.parquet", text=[1, 2])
+    (root / "broken.parquet").write_bytes(b"not parquet at all")
+    for ignored in (".git/config", "__pycache__/module.cpython-311.pyc", ".hidden.txt"):
+        (root / ignored).parent.mkdir(exist_ok=True)
+        (root / ignored).write_text("never read")
+    return root
+
+
+def documents(data_dir: Path, split: str) -> list[str]:
+    """The documents of one split, cut at EOT ids (not at the text "<|endoftext|>")."""
+    data = load_data_dir(data_dir)
+    tokens = np.concatenate([open_shard(info.path) for info in getattr(data, split)]).tolist()
+    assert tokens[-1] == data.tokenizer.eot_id
+    texts, start = [], 0
+    for i, token in enumerate(tokens):
+        if token == data.tokenizer.eot_id:
+            texts.append(data.tokenizer.decode(tokens[start:i]))
+            start = i + 1
+    return texts
+
+
+def write_docs(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(texts):
+        (folder / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def small(**kwargs) -> dict:
+    return {"vocab_size": 300, "progress": False, **kwargs}
+
+
+def test_mixed_inputs_count_every_skip_with_locations(mixed, tmp_path):
+    manifest = prepare([str(mixed)], tmp_path / "out", **small())
+    assert manifest["skipped"] == {
+        "empty": 5, "binary": 1, "invalid_utf8": 3, "malformed_json": 1,
+        "missing_field": 4, "non_string_field": 3, "unreadable": 2,
+    }
+    examples = {reason: set(locations) for reason, locations in manifest["skipped_examples"].items()}
+    assert examples == {
+        "empty": {f"{mixed}/empty.txt", f"{mixed}/blank.md", f"{mixed}/docs.jsonl:6",
+                  f"{mixed}/data.parquet:row 3", f"{mixed}/empty.jsonl"},
+        "binary": {f"{mixed}/image.png"},
+        "invalid_utf8": {f"{mixed}/latin1.txt", f"{mixed}/docs.jsonl:7", f"{mixed}/docs.jsonl:9"},
+        "malformed_json": {f"{mixed}/docs.jsonl:10"},
+        "missing_field": {f"{mixed}/docs.jsonl:3", f"{mixed}/docs.jsonl:4", f"{mixed}/data.parquet:row 2",
+                          f"{mixed}/nocol.parquet"},
+        "non_string_field": {f"{mixed}/docs.jsonl:2", f"{mixed}/ints.parquet:row 1", f"{mixed}/ints.parquet:row 2"},
+        "unreadable": {f"{mixed}/dangling.txt", f"{mixed}/broken.parquet"},
+    }
+    assert manifest["stats"]["files"] == 14  # hidden entries and __pycache__ are not read
+    assert manifest["stats"]["short_documents"] == len(GOOD_DOCUMENTS)
+    splits = manifest["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(GOOD_DOCUMENTS)
+    out = tmp_path / "out"
+    assert set(documents(out, "train")) | set(documents(out, "val")) == GOOD_DOCUMENTS
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_manifest_describes_the_output(mixed, tmp_path):
+    manifest = prepare([str(mixed)], tmp_path / "out", **small())
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train_000000.bin",
+                                                     "val_000000.bin"]
+    assert (manifest["format"], manifest["format_version"], manifest["inputs"]) == ("gptforge-data", 1, [str(mixed)])
+    tok = Tokenizer.load(out / "tokenizer.json")
+    assert manifest["tokenizer"] == {"kind": "bpe", "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                                     "eot_id": tok.eot_id}
+    for split in ("train", "val"):
+        (shard,) = manifest["splits"][split]["shards"]
+        assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+        assert shard["tokens"] == manifest["splits"][split]["tokens"] > 0
+    assert manifest["stats"]["bytes"] > 0 and manifest["stats"]["elapsed_s"] >= 0
+
+
+def test_literal_end_of_text_inside_documents_is_not_a_boundary(tmp_path):
+    texts = [f"see {EOT} here", "plain", f"{EOT}"]
+    write_docs(tmp_path / "in", texts)
+    prepare([str(tmp_path / "in")], tmp_path / "out", **small())
+    assert sorted(documents(tmp_path / "out", "train") + documents(tmp_path / "out", "val")) == sorted(texts)
+
+
+def test_nothing_usable_is_a_data_error_listing_the_skips(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.txt").write_text("")
+    (tmp_path / "in" / "blob.bin").write_bytes(b"\0\1\2")
+    with pytest.raises(DataError, match=r"no usable documents in 2 input files: empty 1 \(e\.g\. .*empty\.txt\); "
+                                        r"binary 1"):
+        prepare([str(tmp_path / "in")], tmp_path / "out", **small())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_nothing_usable_exits_nonzero_without_traceback(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("   ")
+    assert run_prepare(parse([str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")])) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("gptforge prepare: error: no usable documents") and "Traceback" not in captured.err + captured.out
+
+
+def test_cli_prints_a_summary(mixed, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line, whatever the path lengths
+    args = parse([str(mixed), "--out", str(tmp_path / "out"), "--vocab-size", "300", "--val-fraction", "0.1"])
+    assert (args.tokenizer, args.text_field, args.shard_tokens, args.force) == ("bpe", "text", 100_000_000, False)
+    assert run_prepare(args) == 0
+    out = capsys.readouterr().out
+    assert "Prepared" in out and "skipped: malformed_json" in out and "docs.jsonl:10" in out
+    assert run_prepare(parse([str(mixed), "--out", str(tmp_path / "q"), "--quiet", "--tokenizer", "bytes"])) == 0
+    assert capsys.readouterr().out.strip().endswith("val tokens")
+
+
+def test_progress_is_silent_when_stdout_is_not_a_terminal(tmp_path, capsys):
+    write_docs(tmp_path / "in", ["one document", "another"])
+    prepare([str(tmp_path / "in")], tmp_path / "out", vocab_size=300, progress=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_split_follows_content_hash(tmp_path):
+    texts = [f"document number {i}\n" * 3 for i in range(40)]
+    write_docs(tmp_path / "in", texts + texts)  # every document twice
+    prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", val_fraction=0.3))
+    train, val = documents(tmp_path / "out", "train"), documents(tmp_path / "out", "val")
+    assert sorted(val) == sorted(2 * [t for t in texts if is_val(t, 0.3)]) and val
+    assert not set(train) & set(val)
+
+
+def test_is_val_is_blake2b_of_the_text():
+    for text in ["a", "b", "ünïcode", "x" * 1000]:
+        digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+        assert is_val(text, 0.25) == (digest % 1_000_000 < 250_000)
+    assert not is_val("anything", 0.0)
+
+
+def test_small_corpus_still_gets_a_val_document(tmp_path):
+    texts = ["first small document", "second small document", "third small document"]
+    assert not any(is_val(t, 0.005) for t in texts)
+    write_docs(tmp_path / "in", texts)
+    splits = prepare([str(tmp_path / "in")], tmp_path / "out", **small())["splits"]
+    assert (splits["train"]["documents"], splits["val"]["documents"]) == (2, 1)
+    assert documents(tmp_path / "out", "val") == [texts[-1]]
+
+
+def test_corpus_hashed_entirely_to_val_still_gets_train(tmp_path):
+    texts = ["alpha", "beta", "gamma"]
+    assert all(is_val(t, 0.99) for t in texts)
+    write_docs(tmp_path / "in", texts)
+    splits = prepare([str(tmp_path / "in")], tmp_path / "out", **small(val_fraction=0.99))["splits"]
+    assert (splits["train"]["documents"], splits["val"]["documents"]) == (1, 2)
+
+
+@pytest.mark.parametrize("text, train_tokens, val_tokens", [("abcdefghijklmnopqrst", 19, 2), ("a", 1, 1)])
+def test_single_document_is_cut_ninety_ten(tmp_path, text, train_tokens, val_tokens):
+    (tmp_path / "one.txt").write_text(text)
+    manifest = prepare([str(tmp_path / "one.txt")], tmp_path / "out", **small(tokenizer="bytes"))
+    assert manifest["splits"]["train"]["tokens"] == train_tokens
+    assert manifest["splits"]["val"]["tokens"] == val_tokens
+    data = load_data_dir(tmp_path / "out")
+    stream = open_shard(data.train[0].path).tolist() + open_shard(data.val[0].path).tolist()
+    assert stream == list(text.encode()) + [256]
+
+
+def test_prepare_is_deterministic(mixed, tmp_path):
+    first = prepare([str(mixed)], tmp_path / "a", **small(shard_tokens=40))
+    second = prepare([str(mixed)], tmp_path / "b", **small(shard_tokens=40))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for manifest in (first, second):
+        del manifest["created"], manifest["stats"]["elapsed_s"]
+    assert first == second
+
+
+def test_shards_are_capped_at_shard_tokens(tmp_path):
+    write_docs(tmp_path / "in", [f"document {i} " * 10 for i in range(12)])
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", shard_tokens=100))
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 1 and all(s["tokens"] <= 100 for s in shards)
+    assert [s["file"] for s in shards] == [f"train_{i:06d}.bin" for i in range(len(shards))]
+    train = load_data_dir(tmp_path / "out").train
+    assert sum(info.num_tokens for info in train) == manifest["splits"]["train"]["tokens"]
+
+
+@pytest.mark.parametrize("target, exception", [("SplitWriter.flush", RuntimeError), ("sha256_file", KeyboardInterrupt)])
+def test_interrupted_prepare_leaves_no_data_dir(mixed, tmp_path, monkeypatch, target, exception):
+    def fail(*args, **kwargs):
+        raise exception("interrupted")
+
+    monkeypatch.setattr(f"gptforge.data.prepare.{target}", fail)
+    with pytest.raises(exception):
+        prepare([str(mixed)], tmp_path / "out", **small())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_existing_output_is_refused_unless_forced(mixed, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="already exists and is not empty; pass --force"):
+        prepare([str(mixed)], out, **small())
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    prepare([str(mixed)], out, **small(force=True))
+    assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+def test_existing_empty_output_dir_is_used(mixed, tmp_path):
+    (tmp_path / "out").mkdir()
+    prepare([str(mixed)], tmp_path / "out", **small())
+    assert load_data_dir(tmp_path / "out").train
+
+
+def test_output_inside_the_input_is_not_read_back(mixed, tmp_path):
+    first = prepare([str(mixed)], mixed / "prepared", **small())
+    second = prepare([str(mixed)], mixed / "prepared", **small(force=True))
+    assert first["stats"]["files"] == second["stats"]["files"] == 14
+
+
+def test_missing_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="nope.txt: no such file or directory"):
+        prepare([str(tmp_path / "nope.txt")], tmp_path / "out", **small())
+    with pytest.raises(DataError, match=r"nothing/\*\.txt: the pattern matches no files"):
+        prepare([str(tmp_path / "nothing" / "*.txt")], tmp_path / "out", **small())
+
+
+def test_glob_patterns_are_expanded_recursively(mixed, tmp_path):
+    manifest = prepare([f"{mixed}/**/*.md", f"{mixed}/src/*.py", f"{mixed}/**/*.py"], tmp_path / "out", **small())
+    assert manifest["stats"]["files"] == 3  # blank.md, docs/readme.md, src/module.py (once)
+    assert manifest["skipped"]["empty"] == 1
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"pip install gptforge\[parquet\]"):
+        prepare([str(tmp_path / "x.parquet")], tmp_path / "out", **small())
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_field_and_column_are_configurable(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "from jsonl"}\n{"body": "again"}\n')
+    write_parquet(tmp_path / "b.parquet", content=["from parquet"])
+    manifest = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], tmp_path / "out",
+                       **small(text_field="body", text_column="content"))
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 3
+
+
+def test_bytes_and_pretrained_tokenizers(mixed, tmp_path):
+    assert prepare([str(mixed)], tmp_path / "b", **small(tokenizer="bytes"))["tokenizer"]["kind"] == "bytes"
+    saved = tmp_path / "tok"
+    saved.mkdir()
+    Tokenizer.bytes().save(saved / "tokenizer.json")
+    manifest = prepare([str(mixed)], tmp_path / "p", **small(tokenizer=str(saved)))
+    assert manifest["tokenizer"]["kind"] == "pretrained"
+    assert manifest["tokenizer"]["sha256"] == Tokenizer.bytes().sha256
+    assert (tmp_path / "b" / "train_000000.bin").read_bytes() == (tmp_path / "p" / "train_000000.bin").read_bytes()
+
+
+def test_tokenizer_can_train_on_the_first_documents_only(mixed, tmp_path):
+    manifest = prepare([str(mixed)], tmp_path / "out", **small(max_train_docs_for_tokenizer=1))
+    assert manifest["tokenizer"]["kind"] == "bpe"
+    assert manifest["splits"]["train"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tokenizer": "gpt9"}, "expected 'bpe', 'bytes', or the path"),
+    ({"vocab_size": 100}, "at least 257"),
+    ({"val_fraction": 1.0}, r"\[0, 1\)"),
+    ({"shard_tokens": 0}, "must be positive"),
+])
+def test_bad_options_are_config_errors(mixed, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare([str(mixed)], tmp_path / "out", **{**small(), **options})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_damaged_shards_are_detected_through_the_manifest(mixed, tmp_path):
+    out = tmp_path / "out"
+    manifest = prepare([str(mixed)], out, **small())
+    shard = out / "train_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_000000\.bin: sha256 differs from manifest\.json"):
+        load_data_dir(out)
+    assert load_data_dir(out, verify_sha256=False).manifest["splits"] == manifest["splits"]
+    manifest["splits"]["val"]["shards"][0]["tokens"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"val_000000\.bin: has \d+ tokens, manifest\.json says"):
+        load_data_dir(out, verify_sha256=False)
+
+
+def test_changed_tokenizer_json_is_detected(mixed, tmp_path):
+    out = tmp_path / "out"
+    prepare([str(mixed)], out, **small())
+    Tokenizer.bytes().save(out / "tokenizer.json")
+    with pytest.raises(DataError, match=r"tokenizer\.json: sha256 differs"):
+        load_data_dir(out)
+
+
+def test_stdlib_files_are_many_sorted_python_files():
+    files = corpus.stdlib_files()
+    assert len(files) > 500 and files == sorted(files)
+    assert all(f.suffix == ".py" for f in files)
+    assert not any({"site-packages", "dist-packages"} & set(f.parts) for f in files)
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+    assert corpus.cache_root() == tmp_path
+    monkeypatch.delenv("GPTFORGE_CACHE")
+    assert corpus.cache_root() == Path.home() / ".cache" / "gptforge"
+
+
+def builtin_path(root: Path, suffix: str) -> Path:
+    return root / "data" / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{suffix}"
+
+
+def test_builtin_data_dir_prepares_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_prepare(inputs, out, **kwargs):
+        calls.append((inputs, kwargs["tokenizer"], kwargs["vocab_size"]))
+        Path(out).mkdir()
+        (Path(out) / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
+    assert corpus.builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
+    assert corpus.builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
+    assert corpus.builtin_data_dir("bytes", progress=False) == builtin_path(tmp_path, "bytes")
+    assert calls == [([], "bpe", 512), ([], "bytes", 8192)]
+    with pytest.raises(ConfigError, match="'bpe' or 'bytes'"):
+        corpus.builtin_data_dir("gpt2")
+
+
+def test_builtin_data_dir_uses_the_winner_of_a_race(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))
+
+    def lose_the_race(inputs, out, **kwargs):
+        Path(out).mkdir()
+        (Path(out) / "manifest.json").write_text("{}")  # another process finished first
+        raise OutputExistsError(f"{out}: was created by someone else while preparing")
+
+    monkeypatch.setattr(prepare_module, "prepare", lose_the_race)
+    assert corpus.builtin_data_dir(progress=False) == builtin_path(tmp_path, "bpe8192")
+    assert os.listdir(builtin_path(tmp_path, "bpe8192")) == ["manifest.json"]

@@ -1,0 +1,124 @@
+"""SIGKILL at any moment, then run again: per-step losses and final weights bit-for-bit equal to a run
+that was never interrupted (CPU, run.deterministic=true, gradient accumulation, dropout, random windows)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.observe.metrics import read_metrics
+from gptforge.train import checkpoint
+
+pytestmark = pytest.mark.slow
+
+# The child dies by its own hand at an exact point when KILL_AT=<what>:<n> names one.
+CHILD = r"""
+import os, signal, sys
+from gptforge.cli import main
+what, _, n = os.environ.get("KILL_AT", ":0").partition(":")
+count = {"n": 0}
+
+def killer(fn):
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapped
+
+if what == "before_rename":      # every checkpoint file written and fsynced, the folder not yet renamed
+    import gptforge.train.checkpoint as c
+    c._fsync_dir = killer(c._fsync_dir)
+elif what == "before_prune":     # the new checkpoint is in place, older ones not yet pruned
+    import gptforge.train.checkpoint as c
+    c.prune = killer(c.prune)
+elif what == "mid_step":         # after backward, before the optimizer update
+    import torch
+    torch.optim.AdamW.step = killer(torch.optim.AdamW.step)
+elif what == "in_eval":
+    import gptforge.train.loop as loop
+    loop.evaluate = killer(loop.evaluate)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def args(data, run_dir, steps):
+    return [
+        "train", f"data.dir={data}", f"run.dir={run_dir}", "model.preset=tiny", "model.dropout=0.1",
+        "train.batch_size=4", "train.batch_tokens=512", f"train.max_steps={steps}", "train.max_time=null",
+        "train.save_every=3", "train.eval_every=5", "train.log_every=1", "train.eval_tokens=1024",
+        "train.samples=0", "run.deterministic=true", "run.tensorboard=false", "data.prefetch=2",
+    ]
+
+
+def child(argv, kill_at=None, kill_when_step=None):
+    env = {**os.environ, "KILL_AT": kill_at or ":0", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if kill_when_step is not None:
+        run_dir = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")][0]
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            steps = [r.get("step", 0) for r in _safe_metrics(run_dir)]
+            if steps and max(steps) >= kill_when_step:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out.decode()
+
+
+def _safe_metrics(run_dir):
+    try:
+        return read_metrics(run_dir)
+    except (ValueError, OSError):
+        return []
+
+
+def per_step(run_dir):
+    out = {}
+    for r in read_metrics(run_dir):
+        if "train_loss" in r:
+            out[("train", r["step"])] = r["train_loss"]
+        if "val_loss" in r:
+            out[("val", r["step"])] = r["val_loss"]
+    return out
+
+
+def final_weights(run_dir):
+    return load_file(str(checkpoint.list_checkpoints(run_dir / "checkpoints")[0] / "model.safetensors"))
+
+
+def test_sigkill_anywhere_resumes_bitwise(small_data, tmp_path):
+    steps = 40
+    code, out = child(args(small_data, tmp_path / "ref", steps))
+    assert code == 0, out
+
+    run = tmp_path / "killed"
+    kills = [
+        ("before_rename", 2, None),  # dies writing the step-6 checkpoint: resumes from step 3
+        ("mid_step", 9, None),  # dies inside an optimizer step
+        ("in_eval", 3, None),  # dies while evaluating
+        ("before_prune", 3, None),  # dies right after a checkpoint lands
+        (None, None, 30),  # killed from outside at whatever it is doing once step 30 is logged
+    ]
+    for what, n, when in kills:
+        code, out = child(args(small_data, run, steps), kill_at=f"{what}:{n}" if what else None, kill_when_step=when)
+        if what is not None:
+            assert code == -signal.SIGKILL, out
+        assert not (run / "checkpoints" / f"step_{steps:08d}").exists() or when is not None
+    code, out = child(args(small_data, run, steps))
+    assert code == 0, out
+    assert "resumed from" in out
+
+    expected, got = per_step(tmp_path / "ref"), per_step(run)
+    assert len(expected) == steps + 9  # 40 training lines, evals at 0, 5, ..., 40
+    assert got == expected  # exact float equality, every step
+    ref_w, got_w = final_weights(tmp_path / "ref"), final_weights(run)
+    assert ref_w.keys() == got_w.keys()
+    for key in ref_w:
+        assert torch.equal(ref_w[key], got_w[key]), key

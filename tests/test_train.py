@@ -1,0 +1,123 @@
+"""End-to-end training through the library: loss falls, resume, budgets, bad input, the skip of bad steps."""
+
+import json
+
+import pytest
+import torch
+
+import gptforge
+from gptforge.config import load_config
+from gptforge.errors import CheckpointError, DataError
+from gptforge.observe.metrics import read_metrics
+from gptforge.train import checkpoint
+from gptforge.train.loop import train
+
+TINY = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "train.eval_tokens=2048", "train.samples=0",
+        "run.tensorboard=false"]
+
+
+def run(data, run_dir, *extra):
+    return train(load_config(None, [*TINY, f"data.dir={data}", f"run.dir={run_dir}", *extra]))
+
+
+def losses(run_dir):
+    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r}
+
+
+def test_loss_falls_and_run_is_usable(small_data, tmp_path):
+    result = run(small_data, tmp_path / "r", "train.max_steps=120", "train.eval_every=60", "train.lr=0.01")
+    evals = [r["val_loss"] for r in read_metrics(tmp_path / "r") if "val_loss" in r]
+    assert evals[0] > 6.0 and evals[-1] < evals[0] - 1.5, evals
+    assert result.step == 120 and (tmp_path / "r" / "config.yaml").is_file()
+
+    model, tok = gptforge.load(tmp_path / "r")
+    assert not model.training
+    ids = torch.tensor([tok.encode("def f(x):\n    return x")])
+    assert model(ids).shape == (1, ids.shape[1], tok.vocab_size)
+
+
+def test_every_metrics_line_has_its_keys(small_data, tmp_path):
+    run(small_data, tmp_path / "r", "train.max_steps=6", "train.log_every=2", "train.eval_every=3")
+    records = read_metrics(tmp_path / "r")
+    train_lines = [r for r in records if "train_loss" in r]
+    eval_lines = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6]
+    for r in train_lines:
+        assert {"step", "tokens", "time_s", "lr", "train_loss", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
+    assert [r["step"] for r in eval_lines] == [0, 3, 6]
+    assert all({"val_loss", "val_bpb"} <= set(r) for r in eval_lines)
+
+
+def test_budgets_stop_the_run(small_data, tmp_path):
+    assert run(small_data, tmp_path / "a", "train.max_tokens=4000").step == 8  # 512 tokens a step
+    timed = run(small_data, tmp_path / "b", "train.max_time=1.5")
+    assert 1.5 <= timed.time_s < 4.0
+
+
+def test_resume_continues_where_it_stopped(small_data, tmp_path):
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2")
+    result = run(small_data, tmp_path / "r", "train.max_steps=8", "train.save_every=2")
+    assert result.resumed_from == 4 and result.step == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "r") if r.get("event") == "resume"] == [4]
+
+
+def test_resume_refuses_another_model(small_data, tmp_path):
+    run(small_data, tmp_path / "r", "train.max_steps=2")
+    with pytest.raises(CheckpointError, match="model.n_layer"):
+        run(small_data, tmp_path / "r", "train.max_steps=4", "model.n_layer=3")
+
+
+def test_corrupt_newest_checkpoint_resumes_from_older(small_data, tmp_path, capsys):
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2")
+    newest = checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")[0]
+    blob = bytearray((newest / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(blob))
+    result = run(small_data, tmp_path / "r", "train.max_steps=6", "train.save_every=2")
+    assert result.resumed_from == 2
+    out = capsys.readouterr().out
+    assert "step_00000004 rejected" in out and "model.safetensors" in out
+
+
+def test_nonfinite_step_is_skipped(small_data, tmp_path, monkeypatch):
+    from gptforge.model.gpt import GPT
+
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    run(small_data, tmp_path / "r", "train.max_steps=5", "train.log_every=1")
+    events = [r for r in read_metrics(tmp_path / "r") if r.get("event") == "skip_nonfinite"]
+    assert [e["step"] for e in events] == [3]
+    assert all(torch.isfinite(p).all() for p in gptforge.load(tmp_path / "r")[0].parameters())
+
+
+def test_data_dir_errors_are_clear(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        run(tmp_path / "nowhere", tmp_path / "r", "train.max_steps=1")
+
+
+def test_pickle_in_place_of_a_shard_is_refused(small_data, tmp_path):
+    import os
+    import pickle
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    shard = sorted(data.glob("train_*.bin"))[0]
+    shard.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match=shard.name):
+        run(data, tmp_path / "r", "train.max_steps=1")
+    assert not (tmp_path / "pwned").exists()
