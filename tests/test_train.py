@@ -121,3 +121,35 @@ def test_pickle_in_place_of_a_shard_is_refused(small_data, tmp_path):
     with pytest.raises(DataError, match=shard.name):
         run(data, tmp_path / "r", "train.max_steps=1")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_init_from_starts_from_the_source_weights(small_data, tmp_path):
+    run(small_data, tmp_path / "a", "train.max_steps=10")
+    last_a = [r["val_loss"] for r in read_metrics(tmp_path / "a") if "val_loss" in r][-1]
+    # the model keys given here are ignored: the model section comes from the source run
+    run(small_data, tmp_path / "b", "train.max_steps=2", f"train.init_from={tmp_path / 'a'}", "model.n_layer=5")
+    first_b = [r["val_loss"] for r in read_metrics(tmp_path / "b") if "val_loss" in r][0]
+    assert first_b == last_a
+    assert gptforge.load(tmp_path / "b")[0].config.n_layer == 2
+
+
+def test_weights_only_runs_are_fine_tuned_not_resumed(small_data, tmp_path):
+    from gptforge.train.checkpoint import save_weights
+
+    run(small_data, tmp_path / "a", "train.max_steps=2")
+    model, _ = gptforge.load(tmp_path / "a")
+    with torch.no_grad():
+        for block in model.transformer.h:
+            w = block.mlp.c_fc.weight
+            w[w.abs() < w.abs().median()] = 0.0  # half the weights pruned
+    cfg = json.loads((checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")[0] / "state.json").read_text())["config"]
+    save_weights(tmp_path / "w", model, cfg, tokenizer_file=tmp_path / "a" / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="weights only"):
+        run(small_data, tmp_path / "w", "train.max_steps=4")
+
+    run(small_data, tmp_path / "c", "train.max_steps=4", f"train.init_from={tmp_path / 'w'}", "train.keep_sparsity=true")
+    tuned, _ = gptforge.load(tmp_path / "c")
+    for before, after in zip(model.transformer.h, tuned.transformer.h):
+        zeros = before.mlp.c_fc.weight == 0
+        assert (after.mlp.c_fc.weight[zeros] == 0).all()
+        assert not torch.equal(before.mlp.c_fc.weight, after.mlp.c_fc.weight)  # it did train

@@ -48,6 +48,18 @@ class ModelConfig(GPTConfig):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 trains every weight (full fine-tune), > 0 freezes the model and trains low-rank adapters."""
+    alpha: float = 16.0
+    """LoRA scale numerator: adapters add (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: str = "c_attn,c_proj,c_fc"
+    """Comma-separated names of the linear layers that get adapters (matched against the end of module names)."""
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 16
     """Sequences per device per micro-step."""
@@ -99,6 +111,14 @@ class TrainConfig:
     """Skip the optimizer step when the loss or gradient norm is not finite."""
     samples: int = 2
     """Samples printed at the end of training."""
+    init_from: str | None = None
+    """Start from the weights of this run directory or checkpoint (fine-tuning); the model section is taken from it."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters for fine-tuning."""
+    qat: str | None = None
+    """Quantization-aware training: int8 or int4 fake-quantized linear weights (empty: off)."""
+    keep_sparsity: bool = False
+    """Keep the zeros of the initial weights zero (recovery fine-tune after pruning)."""
     sample_tokens: int = 200
     """Length of each printed sample, in tokens."""
 
@@ -145,6 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos": ("learned", "rope"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
+    "train.qat": ("int8", "int4"),
 }
 
 # Presets set the shape and architecture; any explicit model key still wins.
@@ -371,6 +392,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"train.{key}: expected >= 0, got {getattr(t, key)}")
     for key in ("log_every", "eval_tokens", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
+    if t.lora.rank < 0 or t.lora.alpha <= 0 or not 0.0 <= t.lora.dropout < 1.0:
+        raise ConfigError(
+            f"train.lora: expected rank >= 0, alpha > 0 and dropout in [0, 1); got rank={t.lora.rank}, "
+            f"alpha={t.lora.alpha}, dropout={t.lora.dropout}"
+        )
+    if t.lora.rank and not [x for x in t.lora.targets.split(",") if x.strip()]:
+        raise ConfigError("train.lora.targets: name at least one linear layer, e.g. c_attn,c_proj,c_fc")
     if t.eval_tokens < m.block_size:
         raise ConfigError(f"train.eval_tokens={t.eval_tokens} is below one sequence (model.block_size={m.block_size})")
 

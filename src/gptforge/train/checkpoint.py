@@ -51,6 +51,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     files: dict[str, Path] | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 3,
 ) -> Path:
     """Write step_<step> atomically and prune all but the newest `keep`. Returns the checkpoint folder."""
@@ -64,12 +65,14 @@ def save_checkpoint(
 
     save_model(model, str(tmp / "model.safetensors"))
     if optimizer is not None:
-        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        opt_tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer": meta}
     _write_json(tmp / "state.json", state)
     for name, src in (files or {}).items():
         shutil.copyfile(src, tmp / name)
+    for name, extra in (tensors or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / name))
 
     entries = {}
     for path in sorted(tmp.iterdir()):
@@ -89,6 +92,36 @@ def save_checkpoint(
     _fsync_dir(root)
     prune(root, keep)
     return final
+
+
+WEIGHTS_FORMAT = "gptforge-weights"
+
+
+def save_weights(
+    run_dir: str | Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    *,
+    step: int = 0,
+    tokenizer_file: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """A weights-only run (imported, quantized, pruned): loads like any run, cannot be resumed as training.
+
+    Writes RUN_DIR/config.yaml, RUN_DIR/tokenizer.json and one checkpoint whose state.json has format
+    "gptforge-weights", the config and `extra` (e.g. {"quantization": ...}, {"source": ...}).
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    files = {}
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
+        files["tokenizer.json"] = run_dir / "tokenizer.json"
+    state = {"format": WEIGHTS_FORMAT, "step": step, "config": config, **(extra or {})}
+    return save_checkpoint(run_dir, step, model=model, optimizer=None, state=state, files=files, keep=1)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -74,6 +74,52 @@ def _check_same_run(saved: dict[str, Any], cfg: Config, data: DataDir, run_dir: 
         raise CheckpointError(f"{run_dir} was trained with a different tokenizer than {data.path} has; choose another run.dir")
 
 
+def _init_source(cfg: Config, data: DataDir):
+    """The run that train.init_from names: its weights and model section start this one (fine-tuning)."""
+    from gptforge.inference import load_checkpoint
+
+    source = load_checkpoint(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
+    if "quantization" in source.state:
+        raise CheckpointError(
+            f"train.init_from={cfg.train.init_from} is quantized; fine-tune the full-precision run "
+            "(and use train.qat for quantization-aware training)"
+        )
+    if source.tokenizer is not None and data.tokenizer is not None and source.tokenizer.sha256 != data.tokenizer.sha256:
+        raise CheckpointError(
+            f"{data.path} was tokenized with another tokenizer than train.init_from={cfg.train.init_from}; "
+            f"prepare the data with --tokenizer {source.checkpoint / 'tokenizer.json'}"
+        )
+    if data.vocab_size > source.config.model.vocab_size:
+        raise CheckpointError(
+            f"{data.path} has {data.vocab_size} token ids but the model of train.init_from only "
+            f"{source.config.model.vocab_size}"
+        )
+    return source
+
+
+def _apply_adapters(model: GPT, cfg: Config) -> None:
+    """LoRA and quantization-aware training, applied to the built model from outside it."""
+    if cfg.train.lora.rank:
+        from gptforge.adapt.lora import apply_lora
+
+        apply_lora(model, cfg.train.lora)
+    if cfg.train.qat:
+        from gptforge.adapt.qat import apply_qat
+
+        apply_qat(model, cfg.train.qat)
+
+
+def _sparsity_masks(model: GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, mask) for every trainable linear weight holding zeros; re-applied after each update."""
+    masks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            mask = module.weight.detach() != 0
+            if not mask.all():
+                masks.append((module.weight, mask))
+    return masks
+
+
 def train(cfg: Config) -> TrainResult:
     world = current_world()
     validate(cfg, world.world_size)
@@ -84,12 +130,20 @@ def train(cfg: Config) -> TrainResult:
     say = console.printer(world.is_main)
 
     data = resolve_data(cfg)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
     ckpt = checkpoint.find_latest(run_dir, report=lambda msg: say(f"[yellow]{msg}[/]"))
     saved = checkpoint.read_state(ckpt) if ckpt else None
+    if saved and saved.get("format") == checkpoint.WEIGHTS_FORMAT:
+        raise CheckpointError(
+            f"{run_dir} holds weights only (imported, quantized or pruned), not a training run; "
+            f"fine-tune it with train.init_from={run_dir} and another run.dir"
+        )
+    source = _init_source(cfg, data) if cfg.train.init_from else None
+    # The vocabulary comes from the data; when fine-tuning, the whole model section comes from the source run.
+    model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
+        dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     if saved:
         _check_same_run(saved, cfg, data, run_dir)
     if world.is_main:
@@ -99,9 +153,14 @@ def train(cfg: Config) -> TrainResult:
 
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    raw_model = GPT(cfg.model).to(device)
+    raw_model = GPT(cfg.model)
+    if source and not saved:
+        raw_model.load_state_dict(source.model.state_dict())
+    _apply_adapters(raw_model, cfg)
+    raw_model.to(device)
     if ckpt:
         checkpoint.load_weights(raw_model, ckpt)
+    sparsity_masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
     model = apply_compile(raw_model, cfg.train.compile)
     optimizer = build_optimizer(raw_model, cfg.train, device.type)
     if saved and "optimizer" in saved:
@@ -163,10 +222,15 @@ def train(cfg: Config) -> TrainResult:
             "last_val": last_val,
         }
         files = {"tokenizer.json": run_dir / "tokenizer.json"} if data.tokenizer is not None else {}
+        tensors = {}
+        if cfg.train.lora.rank:
+            from gptforge.adapt.lora import lora_state_dict
+
+            tensors["adapter.safetensors"] = lora_state_dict(raw_model)  # the adapters alone, for sharing
         if world.is_main:
             checkpoint.save_checkpoint(
                 run_dir, step, model=raw_model, optimizer=optimizer, state=state, files=files,
-                keep=cfg.train.keep_checkpoints,
+                tensors=tensors, keep=cfg.train.keep_checkpoints,
             )
         nonlocal last_saved
         last_saved = step
@@ -221,6 +285,9 @@ def train(cfg: Config) -> TrainResult:
                 finite = not cfg.train.skip_nonfinite or bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
+            with torch.no_grad():
+                for weight, mask in sparsity_masks:
+                    weight.mul_(mask)
             optimizer.zero_grad(set_to_none=True)
 
             if device.type == "cuda" and step % cfg.train.log_every == 0:
