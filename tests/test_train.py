@@ -153,3 +153,27 @@ def test_weights_only_runs_are_fine_tuned_not_resumed(small_data, tmp_path):
         zeros = before.mlp.c_fc.weight == 0
         assert (after.mlp.c_fc.weight[zeros] == 0).all()
         assert not torch.equal(before.mlp.c_fc.weight, after.mlp.c_fc.weight)  # it did train
+
+
+def test_lora_fine_tune_trains_adapters_only_and_merges_on_load(small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    run(small_data, tmp_path / "a", "train.max_steps=4")
+    lora = ["train.lora.rank=4", "train.lora.targets=c_attn,c_fc", f"train.init_from={tmp_path / 'a'}",
+            "train.save_every=2", "train.lr=0.01"]
+    run(small_data, tmp_path / "b", "train.max_steps=4", *lora)
+    run(small_data, tmp_path / "b", "train.max_steps=6", *lora)  # resumes with the adapters in place
+
+    newest = checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")[0]
+    adapters = load_file(str(newest / "adapter.safetensors"))
+    assert adapters and all(k.endswith(("lora_A", "lora_B")) for k in adapters)
+    base = load_file(str(checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")[0] / "model.safetensors"))
+    tuned = load_file(str(newest / "model.safetensors"))
+    for key, value in base.items():
+        assert torch.equal(tuned[key], value), key  # the base model stayed frozen
+
+    merged, tok = gptforge.load(tmp_path / "b")
+    original, _ = gptforge.load(tmp_path / "a")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([tok.encode("def f(x):")])
+    assert not torch.allclose(merged(ids), original(ids))

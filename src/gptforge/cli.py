@@ -16,6 +16,8 @@ Train, sample and evaluate GPT models.
   gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
   gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
   gptforge eval RUN_DIR [--json]              validation loss, bits per byte, perplexity
+  gptforge import-hf HF_DIR --out RUN_DIR     a Hugging Face GPT-2 folder (safetensors) as a gptforge run
+  gptforge export-hf RUN_DIR --out HF_DIR     a gptforge run as a folder transformers loads
 
 Run `gptforge SUBCOMMAND --help` for every option.
 """
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or resume a GPT", formatter_class=raw, epilog=keys_help(),
                        description="Train a GPT. With no data.dir, trains on the built-in corpus (the Python standard "
                        "library's source). A run.dir holding checkpoints is resumed from its newest intact one.")
-    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layer=4 train.max_steps=200")
     p.set_defaults(func=_train)
 
@@ -135,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object: val_loss, val_bpb, perplexity, ...")
     p.set_defaults(func=_eval)
+
+    from gptforge.adapt import hf
+
+    p = sub.add_parser("import-hf", help="import a Hugging Face GPT-2-family folder", formatter_class=raw,
+                       description="Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, "
+                       "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
+    hf.add_import_arguments(p)
+    p.set_defaults(func=hf.run_import)
+    p = sub.add_parser("export-hf", help="export a run as a Hugging Face GPT-2 folder", formatter_class=raw,
+                       description="Write a run (GPT-2 architecture) as a folder that transformers loads; "
+                       "LoRA adapters are merged first.")
+    hf.add_export_arguments(p)
+    p.set_defaults(func=hf.run_export)
     return parser
 
 

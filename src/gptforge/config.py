@@ -136,11 +136,30 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "ddp"
+    """Data parallelism under torchrun: ddp (replicate), fsdp2 (shard parameters, gradients, optimizer) or hsdp (shard within a node, replicate across nodes)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPUs, gloo on CPUs), nccl or gloo."""
+    grad_compression: str = "none"
+    """ddp only: compress gradients before the all-reduce: none, bf16, fp16 or powersgd."""
+    powersgd_rank: int = 4
+    """Rank of PowerSGD's low-rank gradient approximation."""
+    powersgd_start_step: int = 10
+    """Optimizer steps of plain all-reduce before PowerSGD starts (it needs a warm start)."""
+    hsdp_shard_size: int = 0
+    """hsdp only: processes per shard group (0: the processes of one node)."""
+    checkpoint: str = "full"
+    """full: gather the whole state into safetensors on rank 0; sharded: each process writes its shard (torch.distributed.checkpoint), for models that do not fit on one host."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +185,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
     "train.qat": ("int8", "int4"),
+    "dist.strategy": ("ddp", "fsdp2", "hsdp"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.grad_compression": ("none", "bf16", "fp16", "powersgd"),
+    "dist.checkpoint": ("full", "sharded"),
 }
 
 # Presets set the shape and architecture; any explicit model key still wins.
@@ -276,10 +299,12 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         optional = len(args) < len(typing.get_args(kind))
         kind = args[0]
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+    if raw is None:
         if optional:
             return None
         raise ConfigError(f"{key}: a value is required (expected {kind.__name__})")
+    if optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null"):
+        return None
     text = raw.strip() if isinstance(raw, str) else None
     try:
         if kind is bool:
@@ -399,6 +424,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.lora.rank and not [x for x in t.lora.targets.split(",") if x.strip()]:
         raise ConfigError("train.lora.targets: name at least one linear layer, e.g. c_attn,c_proj,c_fc")
+    dc = cfg.dist
+    if dc.grad_compression != "none" and dc.strategy != "ddp":
+        raise ConfigError(
+            f"dist.grad_compression={dc.grad_compression} works through DDP communication hooks; "
+            f"dist.strategy={dc.strategy} reduces gradients itself (use dist.strategy=ddp)"
+        )
+    if dc.checkpoint == "sharded" and dc.strategy == "ddp":
+        raise ConfigError("dist.checkpoint=sharded is for dist.strategy=fsdp2 or hsdp; ddp keeps a full copy on every process")
+    _positive("dist.powersgd_rank", dc.powersgd_rank)
+    if dc.powersgd_start_step < 2:
+        raise ConfigError(f"dist.powersgd_start_step: PowerSGD needs at least 2 plain steps, got {dc.powersgd_start_step}")
+    if dc.hsdp_shard_size < 0:
+        raise ConfigError(f"dist.hsdp_shard_size: expected >= 0 (0: one node), got {dc.hsdp_shard_size}")
     if t.eval_tokens < m.block_size:
         raise ConfigError(f"train.eval_tokens={t.eval_tokens} is below one sequence (model.block_size={m.block_size})")
 

@@ -27,7 +27,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", report
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
     model = GPT(cfg.model)
-    checkpoint.load_weights(model, ckpt)
+    if "quantization" in state:
+        from gptforge.adapt.quantize import build_quantized
+
+        build_quantized(model, state["quantization"])
+    if cfg.train.lora.rank:  # adapters are stored beside the base weights; fold them in for use
+        from gptforge.adapt.lora import apply_lora, merge_lora
+
+        apply_lora(model, cfg.train.lora)
+        checkpoint.load_weights(model, ckpt)
+        merge_lora(model)
+    else:
+        checkpoint.load_weights(model, ckpt)
     model.to(device).eval()
     tok_file = ckpt / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from gptforge.errors import CheckpointError
+from gptforge.parallel.distribute import full_optimizer_state, load_optimizer_state
+from gptforge.parallel.world import World
 from gptforge.train import checkpoint
 
 
@@ -32,7 +34,8 @@ def _trained(seed=0):
 
 def _save(tmp_path, step, keep=5):
     model, opt = _trained(step)
-    return checkpoint.save_checkpoint(tmp_path, step, model=model, optimizer=opt, state={"step": step}, keep=keep), model, opt
+    optim = full_optimizer_state(model, opt)
+    return checkpoint.save_checkpoint(tmp_path, step, model=model, optimizer=optim, state={"step": step}, keep=keep), model, opt
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -44,11 +47,12 @@ def test_round_trip_is_exact(tmp_path):
         assert torch.equal(a, b), name
     assert fresh.head.weight is fresh.emb.weight  # the tie survives
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    state = checkpoint.read_state(path)
-    checkpoint.load_optimizer(opt2, path, state)
-    for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
-        for key in s1:
-            assert torch.equal(s1[key], s2[key])
+    load_optimizer_state(fresh, opt2, checkpoint.read_optimizer(path, checkpoint.read_state(path)), World())
+    before, after = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert before.keys() == after.keys()
+    for idx in before:
+        for key in before[idx]:
+            assert torch.equal(before[idx][key], after[idx][key])
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
 
 

@@ -200,15 +200,18 @@ class TokenLoader:
 def val_batches(
     shards: list[ShardInfo], block_size: int, batch_size: int, eval_tokens: int, rank: int = 0, world_size: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed validation subset: the first eval_tokens of the val stream in windows, strided over ranks."""
+    """The fixed validation subset: the first eval_tokens of the val stream in windows, strided over ranks.
+
+    Every rank gets the same number of windows (sharded models need every process in every forward).
+    """
     stream = TokenStream(shards)
-    fits = (stream.total - 1) // block_size
-    if fits < 1:
+    fits = (stream.total - 1) // block_size // world_size * world_size
+    if fits < world_size:
         raise DataError(
             f"validation split holds {stream.total} tokens, fewer than one sequence (model.block_size + 1 = "
-            f"{block_size + 1}); prepare with a larger --val-fraction or use a smaller model.block_size"
+            f"{block_size + 1}) per process; prepare with a larger --val-fraction or use a smaller model.block_size"
         )
-    n = max(1, min(eval_tokens // block_size, fits))
+    n = max(world_size, min(eval_tokens // block_size // world_size * world_size, fits))
     rows = [stream.read(i * block_size, block_size + 1) for i in range(rank, n, world_size)]
     batches = []
     for i in range(0, len(rows), batch_size):

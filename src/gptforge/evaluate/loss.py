@@ -17,11 +17,13 @@ def evaluate(
     precision: Precision,
     token_bytes: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    world=None,
 ) -> dict[str, float]:
     """Mean loss per token (nats), bits per byte and perplexity over `batches`.
 
     Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, so models with
-    different tokenizers can be compared; it is None when the tokenizer is unknown.
+    different tokenizers can be compared; it is None when the tokenizer is unknown. With a `world` of several
+    processes, each evaluates its share and the sums are all-reduced.
     """
     was_training = model.training
     model.eval()
@@ -37,6 +39,10 @@ def evaluate(
         if token_bytes is not None:
             nbytes += int(token_bytes[y.cpu()].sum())
     model.train(was_training)
-    loss = float(nats) / count
-    bpb = float(nats) / (math.log(2) * nbytes) if nbytes else None
+    totals = torch.tensor([float(nats), count, nbytes], dtype=torch.float64, device=device)
+    if world is not None:
+        world.all_reduce(totals)
+    nats, count, nbytes = totals.tolist()
+    loss = nats / count
+    bpb = nats / (math.log(2) * nbytes) if nbytes else None
     return {"val_loss": loss, "val_bpb": bpb, "perplexity": math.exp(min(loss, 700.0))}

@@ -1,8 +1,8 @@
 """Checkpoints: safetensors for tensors, JSON for the rest, a sha256 manifest, written atomically.
 
 Layout of RUN_DIR/checkpoints/step_<N>/:
-    model.safetensors      model weights (tied weights stored once)
-    optimizer.safetensors  optimizer tensors, keyed "state.<param index>.<name>"
+    model.safetensors      model weights (tied weights stored once, under their first name)
+    optimizer.safetensors  optimizer tensors, keyed "state.<parameter name>.<state name>"
     state.json             step, counters, config, RNG states, loader position, optimizer hyper-parameters
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
     manifest.json          size and sha256 of every file above; written last
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptforge.errors import CheckpointError
@@ -47,8 +47,8 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: dict | None,
     state: dict[str, Any],
     files: dict[str, Path] | None = None,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
@@ -63,9 +63,10 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    save_model(model, str(tmp / "model.safetensors"))
+    weights = model_tensors(model) if isinstance(model, nn.Module) else model
+    save_file(weights, str(tmp / "model.safetensors"))
     if optimizer is not None:
-        opt_tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        opt_tensors, meta = flatten_optimizer_state(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer": meta}
     _write_json(tmp / "state.json", state)
@@ -150,12 +151,12 @@ def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(values)
+        param, name = key[len("state.") :].rsplit(".", 1)  # parameter names contain dots, state names do not
+        state.setdefault(param, {})[name] = value
+    for param, values in meta.get("scalars", {}).items():
+        state.setdefault(param, {}).update(values)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -232,22 +233,39 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{Path(path) / 'state.json'}: unreadable ({e})") from None
 
 
+def model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: `state` (default: the module's) with each tied weight once, on CPU."""
+    state = model.state_dict() if state is None else state
+    canonical = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k in canonical}
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load model.safetensors into `model` (strict: every key, every shape)."""
+    """Load model.safetensors into `model`: every tensor, every shape; a tied weight may appear under either name."""
     file = Path(path) / "model.safetensors"
     try:
-        load_model(model, str(file), strict=True)
+        tensors = load_file(str(file))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be loaded into this model ({e})") from None
+    storage = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    loaded = {storage[k] for k in tensors if k in storage}
+    missing = [k for k in missing if storage[k] not in loaded]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: does not match this model (missing: {', '.join(missing[:5]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path, state: dict[str, Any]) -> None:
+def read_optimizer(path: str | Path, state: dict[str, Any]) -> dict:
+    """The name-keyed optimizer state dict of a checkpoint."""
     file = Path(path) / "optimizer.safetensors"
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+    return unflatten_optimizer_state(tensors, state["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from gptforge.model.gpt import GPT
 from gptforge.observe import console
 from gptforge.observe.hardware import peak_flops
 from gptforge.observe.metrics import MetricsLog, truncate_after
-from gptforge.parallel.apply import apply_compile
-from gptforge.parallel.world import current_world
+from gptforge.parallel.distribute import distribute, full_model_state, full_optimizer_state, grad_sync, load_optimizer_state
+from gptforge.parallel.world import World, close_world, init_world
 from gptforge.train import checkpoint, rng
 from gptforge.train.optim import build_optimizer
 from gptforge.train.precision import pick_device, resolve_precision
@@ -121,12 +121,19 @@ def _sparsity_masks(model: GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train(cfg: Config) -> TrainResult:
-    world = current_world()
+    """Train (or resume) the run `cfg` describes; under torchrun, every process calls this."""
+    world = init_world(cfg.dist.backend)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: Config, world: World) -> TrainResult:
     validate(cfg, world.world_size)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    rng.seed_everything(cfg.run.seed + world.rank)
     say = console.printer(world.is_main)
 
     data = resolve_data(cfg)
@@ -150,9 +157,14 @@ def train(cfg: Config) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         if data.tokenizer is not None:
             data.tokenizer.save(run_dir / "tokenizer.json")
+    world.barrier()
 
     device = pick_device(cfg.train.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
+
+    rng.seed_everything(cfg.run.seed)  # the same initial weights on every process
     raw_model = GPT(cfg.model)
     if source and not saved:
         raw_model.load_state_dict(source.model.state_dict())
@@ -161,10 +173,10 @@ def train(cfg: Config) -> TrainResult:
     if ckpt:
         checkpoint.load_weights(raw_model, ckpt)
     sparsity_masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
-    model = apply_compile(raw_model, cfg.train.compile)
+    model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile)
     optimizer = build_optimizer(raw_model, cfg.train, device.type)
     if saved and "optimizer" in saved:
-        checkpoint.load_optimizer(optimizer, ckpt, saved)
+        load_optimizer_state(raw_model, optimizer, checkpoint.read_optimizer(ckpt, saved), world)
     scaler = precision.grad_scaler()
     if scaler is not None and saved and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
@@ -185,15 +197,17 @@ def train(cfg: Config) -> TrainResult:
         dropped = truncate_after(run_dir, step) if world.is_main else 0
     metrics = MetricsLog(run_dir, enabled=world.is_main, tensorboard=cfg.run.tensorboard)
     if saved:
-        metrics.event("resume", step, checkpoint=ckpt.name, dropped_lines=dropped)
+        metrics.event("resume", step, checkpoint=ckpt.name, dropped_lines=dropped,
+                      world_size=world.world_size, saved_world_size=saved.get("world_size", 1))
 
-    counts = num_params(raw_model)
+    counts = num_params(cfg.model)
     fpt = flops_per_token(cfg.model)
     peak = peak_flops(device, precision.name)
     say(
         f"gptforge {__version__} | {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
         f"non-embedding) | {device.type} {precision.name} | {step_tokens} tokens/step "
-        f"({cfg.train.batch_size} x {cfg.model.block_size} x {accum} accum x {world.world_size} proc) | data {data.path}"
+        f"({cfg.train.batch_size} x {cfg.model.block_size} x {accum} accum x {world.world_size} proc"
+        f"{', ' + cfg.dist.strategy if world.distributed else ''}) | data {data.path}"
     )
     if saved:
         say(f"resumed from {ckpt} (step {step}, {tokens} tokens, {time_s:.1f}s)")
@@ -206,7 +220,11 @@ def train(cfg: Config) -> TrainResult:
             or (t.max_time is not None and time_s >= t.max_time)
         )
 
-    def save() -> None:
+    def save() -> Path | None:
+        # Gathering is collective: every process takes part, rank 0 writes, the others wait for it.
+        weights = checkpoint.model_tensors(raw_model, full_model_state(raw_model))
+        optim = full_optimizer_state(raw_model, optimizer)
+        rngs = world.gather_json(rng.capture())
         state = {
             "format": "gptforge-train-state",
             "gptforge_version": __version__,
@@ -214,7 +232,7 @@ def train(cfg: Config) -> TrainResult:
             "tokens": tokens,
             "time_s": time_s,
             "config": cfg.to_dict(),
-            "rng": {str(world.rank): rng.capture()},
+            "rng": {str(rank): r for rank, r in enumerate(rngs)},
             "loader": loader.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "tokenizer_sha256": data.tokenizer.sha256 if data.tokenizer is not None else None,
@@ -227,16 +245,19 @@ def train(cfg: Config) -> TrainResult:
             from gptforge.adapt.lora import lora_state_dict
 
             tensors["adapter.safetensors"] = lora_state_dict(raw_model)  # the adapters alone, for sharing
+        path = None
         if world.is_main:
-            checkpoint.save_checkpoint(
-                run_dir, step, model=raw_model, optimizer=optimizer, state=state, files=files,
+            path = checkpoint.save_checkpoint(
+                run_dir, step, model=weights, optimizer=optim, state=state, files=files,
                 tensors=tensors, keep=cfg.train.keep_checkpoints,
             )
+        world.barrier()
         nonlocal last_saved
         last_saved = step
+        return path
 
     def run_eval() -> dict[str, Any]:
-        result = evaluate(model, val, precision, token_bytes, device)
+        result = evaluate(model, val, precision, token_bytes, device, world)
         metrics.write({"step": step, "tokens": tokens, "time_s": round(time_s, 3), **result})
         bpb = f", {result['val_bpb']:.3f} bits/byte" if result["val_bpb"] is not None else ""
         say(f"step {step}: val loss {result['val_loss']:.4f}{bpb}")
@@ -250,47 +271,21 @@ def train(cfg: Config) -> TrainResult:
     elif step == 0:
         last_val = run_eval()
 
-    if saved:  # last thing before the first step, so nothing in the set-up can consume random numbers
+    # Last thing before the first step, so nothing in the set-up can consume random numbers.
+    if saved and str(world.rank) in saved["rng"]:
         rng.restore(saved["rng"][str(world.rank)])
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    else:  # a new run, or a process that did not exist when the checkpoint was written
+        rng.seed_everything(cfg.run.seed + world.rank + step)
+    stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, sparsity_masks)
     window_tokens, window_time = 0, 0.0
     bar = console.TrainProgress(enabled=world.is_main)
     model.train()
     try:
         while budget_left():
             t0 = time.perf_counter()
-            frac = progress(cfg.train, step, tokens, time_s)
-            lr = cfg.train.lr * lr_multiplier(cfg.train, step, frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            loss_sum = torch.zeros((), device=device)
-            for x, y in loader.next_step():
-                with precision.autocast():
-                    loss = model(x, y) / accum
-                loss_sum += loss.detach()
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if scaler is not None:  # the scaler skips steps with inf/nan gradients itself
-                scaler.step(optimizer)
-                scaler.update()
-                finite = True
-            else:
-                finite = not cfg.train.skip_nonfinite or bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                if finite:
-                    optimizer.step()
-            with torch.no_grad():
-                for weight, mask in sparsity_masks:
-                    weight.mul_(mask)
-            optimizer.zero_grad(set_to_none=True)
-
-            if device.type == "cuda" and step % cfg.train.log_every == 0:
+            lr = cfg.train.lr * lr_multiplier(cfg.train, step, progress(cfg.train, step, tokens, time_s))
+            loss, grad_norm, applied = stepper.step(loader.next_step(), lr)
+            if device.type == "cuda" and (step + 1) % cfg.train.log_every == 0:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step += 1
@@ -299,17 +294,19 @@ def train(cfg: Config) -> TrainResult:
             window_tokens += step_tokens
             window_time += dt
 
-            if not finite:
-                metrics.event("skip_nonfinite", step, loss=float(loss_sum), grad_norm=float(grad_norm))
+            if not applied:
+                metrics.event("skip_nonfinite", step, loss=loss, grad_norm=grad_norm)
                 say(f"[yellow]step {step}: non-finite loss or gradient norm; optimizer step skipped[/]")
             if step % cfg.train.log_every == 0 or not budget_left():
-                train_loss = float(loss_sum)
+                train_loss = loss
                 tps = window_tokens / window_time
                 record = {
                     "step": step, "tokens": tokens, "time_s": round(time_s, 3), "lr": lr,
-                    "train_loss": train_loss, "grad_norm": float(grad_norm), "tokens_per_sec": round(tps, 1),
-                    "mfu": round(fpt * tps / peak, 5),
+                    "train_loss": train_loss, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
+                    "mfu": round(fpt * tps / (peak * world.world_size), 5),
                 }
+                if comm is not None:
+                    record.update(comm_bytes_per_step=comm.bytes_per_step, compression_ratio=round(comm.ratio, 2))
                 metrics.write(record)
                 bar.update(record, progress(cfg.train, step, tokens, time_s))
                 window_tokens, window_time = 0, 0.0
@@ -328,18 +325,69 @@ def train(cfg: Config) -> TrainResult:
     bar.close()
     loader.close()
 
+    final = None
     if step != last_saved:
         last_val = run_eval()
-        save()
+        final = save()
     metrics.close()
     say(f"done: step {step}, {tokens:,} tokens in {time_s:.1f}s of training; run saved in {run_dir}")
 
     samples = []
     if world.is_main and data.tokenizer is not None and cfg.train.samples:
-        samples = sample_texts(raw_model, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
+        sampler = raw_model
+        if world.distributed and cfg.dist.strategy != "ddp":  # sharded: sample from the gathered weights
+            from gptforge.inference import load_checkpoint
+
+            sampler = load_checkpoint(final or checkpoint.find_latest(run_dir), device).model
+        samples = sample_texts(sampler, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
         for i, text in enumerate(samples):
             console.show_sample(i, text)
     return TrainResult(run_dir, step, tokens, time_s, train_loss, last_val, saved["step"] if saved else None, samples)
+
+
+class Stepper:
+    """One optimizer step: micro-steps with gradient accumulation, clipping, the non-finite skip, the update."""
+
+    def __init__(self, model, raw_model, optimizer, scaler, precision, world: World, cfg: Config, sparsity_masks):
+        self.model, self.optimizer, self.scaler, self.precision, self.world = model, optimizer, scaler, precision, world
+        self.params = [p for p in raw_model.parameters() if p.requires_grad]
+        self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        self.skip_nonfinite = cfg.train.skip_nonfinite
+        self.sparsity_masks = sparsity_masks
+
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float, bool]:
+        """Returns the mean loss over all processes, the gradient norm, and whether the update was applied."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = len(batches)
+        loss_sum = torch.zeros((), device=self.params[0].device)
+        for i, (x, y) in enumerate(batches):
+            with grad_sync(self.model, enabled=i == accum - 1), self.precision.autocast():
+                loss = self.model(x, y) / accum
+                loss_sum += loss.detach()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor when parameters are sharded
+            grad_norm = grad_norm.full_tensor()
+        # One all-reduce: the mean loss, and whether any process saw a non-finite one (so all decide alike).
+        stats = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float()])
+        self.world.all_reduce(stats)
+        loss, any_nonfinite = (stats / self.world.world_size).tolist()
+        if self.scaler is not None:  # the scaler skips steps with inf/nan gradients itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = True
+        else:
+            applied = not self.skip_nonfinite or (any_nonfinite == 0 and math.isfinite(float(grad_norm)))
+            if applied:
+                self.optimizer.step()
+        with torch.no_grad():
+            for weight, mask in self.sparsity_masks:
+                weight.mul_(mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, float(grad_norm), applied
 
 
 def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:

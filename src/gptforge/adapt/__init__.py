@@ -1,0 +1,1 @@
+"""Adapting models: Hugging Face import and export, LoRA, quantization, pruning."""
