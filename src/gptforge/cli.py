@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from gptforge import __version__
@@ -16,6 +17,7 @@ Train, sample and evaluate GPT models.
   gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
   gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
   gptforge eval RUN_DIR [--json]              validation loss, bits per byte, perplexity
+  gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
   gptforge import-hf HF_DIR --out RUN_DIR     a Hugging Face GPT-2 folder (safetensors) as a gptforge run
   gptforge export-hf RUN_DIR --out HF_DIR     a gptforge run as a folder transformers loads
 
@@ -92,6 +94,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gptforge.bench.step import bench, print_record, write_json
+    from gptforge.config import load_config
+
+    if args.steps < 1 or args.warmup < 0:
+        raise GptforgeError("--steps must be >= 1 and --warmup >= 0")
+    if args.nproc:
+        from gptforge.bench.scaling import print_scaling, scaling
+
+        if args.nproc < 2:
+            raise GptforgeError("--nproc compares 1 process with N >= 2 processes")
+        load_config(args.config, args.overrides)  # fail on a bad key before starting any process
+        report = scaling(args.overrides, args.nproc, args.steps, args.warmup)
+        print_scaling(report)
+        if args.json:
+            write_json(report, args.json)
+        return 0
+    record = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process holds the same record
+        print_record(record)
+        if args.json:
+            write_json(record, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gptforge.config import keys_help
     from gptforge.data.prepare import add_prepare_arguments
@@ -137,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object: val_loss, val_bpb, perplexity, ...")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="time the real training step; --nproc N for a scaling report", formatter_class=raw,
+                       epilog="Takes the same config keys as train (see gptforge train --help).",
+                       description="Time the training step (data, forward, backward, optimizer) after a warm-up: "
+                       "tokens/s, MFU, peak memory, data wait. With --nproc N, runs 1 and N processes and reports "
+                       "scaling efficiency and the time spent communicating.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--nproc", type=int, default=0, help="compare 1 process with N processes (torchrun, same host)")
+    p.add_argument("--json", metavar="FILE", help="write the record (device, versions, git sha, per-step times) as JSON")
+    p.set_defaults(func=_bench)
 
     from gptforge.adapt import hf
 

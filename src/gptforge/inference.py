@@ -37,6 +37,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", report
         apply_lora(model, cfg.train.lora)
         checkpoint.load_weights(model, ckpt)
         merge_lora(model)
+    elif checkpoint.is_sharded(ckpt):  # verified against its manifest by resolve() above
+        from gptforge.parallel.distribute import load_sharded
+
+        load_sharded(model, None, ckpt / "dcp")
     else:
         checkpoint.load_weights(model, ckpt)
     model.to(device).eval()

@@ -106,3 +106,48 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(small_data, referen
     resumes = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
     assert [r["step"] for r in resumes] == [2]  # died in step 4: lost at most one checkpoint interval
     close(curve(reference), curve(run_dir))
+
+
+def test_hsdp_equals_one_process(small_data, reference, tmp_path):
+    # 2 processes as 2 replicas of 1 shard each: the 2-D mesh path, checkable on one host.
+    launch(2, train_args(small_data, tmp_path / "run", 6, "dist.strategy=hsdp", "dist.hsdp_shard_size=1"))
+    close(curve(reference), curve(tmp_path / "run"))
+
+
+def test_sharded_checkpoint_is_verified_and_reshards(small_data, reference, tmp_path):
+    import gptforge
+    from gptforge.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    launch(2, train_args(small_data, run_dir, 4, "dist.strategy=fsdp2", "dist.checkpoint=sharded"))
+    sharded = checkpoint.list_checkpoints(run_dir / "checkpoints")[0]
+    assert (sharded / "dcp" / ".metadata").is_file() and not (sharded / "model.safetensors").exists()
+    model, _ = gptforge.load(sharded)  # one process, no process group
+    assert model.transformer.wte.weight.abs().sum() > 0
+
+    launch(1, train_args(small_data, run_dir, 6))  # saved as 2 shards, resumed by 1 process
+    close(curve(reference), curve(run_dir))
+
+    shard = sorted((sharded / "dcp").glob("*.distcp"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    shard.write_bytes(bytes(blob))
+    assert any(shard.name in problem for problem in checkpoint.verify(sharded))
+
+
+def test_scaling_report(small_data, tmp_path):
+    out = tmp_path / "scaling.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "gptforge", "bench", f"data.dir={small_data}", "model.preset=tiny", "--steps=3",
+         "--warmup=1", "--nproc=2", f"--json={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scaling efficiency" in result.stdout
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["one"]["world_size"] == 1 and report["many"]["world_size"] == 2
+    assert report["many"]["tokens_per_step"] == 2 * report["one"]["tokens_per_step"]  # weak scaling
+    assert report["many"]["comm_bytes_per_step"] > 0 and len(report["many"]["step_times_s"]) == 3
+    assert 0 < report["scaling_efficiency"] and report["distributed_overhead_s"] >= 0

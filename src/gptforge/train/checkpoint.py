@@ -1,7 +1,11 @@
 """Checkpoints: safetensors for tensors, JSON for the rest, a sha256 manifest, written atomically.
 
 Layout of RUN_DIR/checkpoints/step_<N>/:
-    model.safetensors      model weights (tied weights stored once, under their first name)
+    model.safetensors      model weights (tied weights stored once, under their first name), or instead
+    dcp/                   with dist.checkpoint=sharded: every process's shard of model and optimizer, written
+                           by torch.distributed.checkpoint. Its dcp/.metadata is a pickle that torch reads:
+                           load sharded checkpoints only from trusted storage. gptforge checks every file,
+                           .metadata included, against the sha256 manifest before torch reads any of them.
     optimizer.safetensors  optimizer tensors, keyed "state.<parameter name>.<state name>"
     state.json             step, counters, config, RNG states, loader position, optimizer hyper-parameters
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
@@ -43,28 +47,36 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 # Writing
 
 
+def staging_dir(run_dir: str | Path, step: int, tag: str | None = None) -> Path:
+    """The hidden folder a checkpoint is built in; `tag` names one that several processes share."""
+    return checkpoint_root(run_dir) / f".tmp-step_{step:08d}-{tag or os.getpid()}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: nn.Module | dict[str, torch.Tensor],
+    model: nn.Module | dict[str, torch.Tensor] | None,
     optimizer: dict | None,
     state: dict[str, Any],
     files: dict[str, Path] | None = None,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 3,
+    staged: Path | None = None,
 ) -> Path:
     """Write step_<step> atomically and prune all but the newest `keep`. Returns the checkpoint folder."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staged or staging_dir(run_dir, step)
+    if staged is None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
 
-    weights = model_tensors(model) if isinstance(model, nn.Module) else model
-    save_file(weights, str(tmp / "model.safetensors"))
+    if model is not None:  # None: the model is already in `staged` as shards
+        weights = model_tensors(model) if isinstance(model, nn.Module) else model
+        save_file(weights, str(tmp / "model.safetensors"))
     if optimizer is not None:
         opt_tensors, meta = flatten_optimizer_state(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -76,9 +88,9 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / name))
 
     entries = {}
-    for path in sorted(tmp.iterdir()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_file(path)
-        entries[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        entries[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     _write_json(tmp / MANIFEST, {"format": "gptforge-checkpoint", "version": 1, "step": step, "files": entries})
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
@@ -194,9 +206,10 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or changed)")
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 does not match the manifest (corrupted)")
-    for required in ("model.safetensors", "state.json"):
-        if required not in entries:
-            problems.append(f"{path / required}: not listed in the manifest")
+    if "state.json" not in entries:
+        problems.append(f"{path / 'state.json'}: not listed in the manifest")
+    if "model.safetensors" not in entries and "dcp/.metadata" not in entries:
+        problems.append(f"{path / 'model.safetensors'}: not listed in the manifest (nor a sharded dcp/ folder)")
     return problems
 
 
@@ -256,6 +269,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             f"{file}: does not match this model (missing: {', '.join(missing[:5]) or 'none'}; "
             f"unexpected: {', '.join(unexpected[:5]) or 'none'})"
         )
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
 
 
 def read_optimizer(path: str | Path, state: dict[str, Any]) -> dict:

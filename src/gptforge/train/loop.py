@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,15 @@ from gptforge.model.gpt import GPT
 from gptforge.observe import console
 from gptforge.observe.hardware import peak_flops
 from gptforge.observe.metrics import MetricsLog, truncate_after
-from gptforge.parallel.distribute import distribute, full_model_state, full_optimizer_state, grad_sync, load_optimizer_state
+from gptforge.parallel.distribute import (
+    distribute,
+    full_model_state,
+    full_optimizer_state,
+    grad_sync,
+    load_optimizer_state,
+    load_sharded,
+    save_sharded,
+)
 from gptforge.parallel.world import World, close_world, init_world
 from gptforge.train import checkpoint, rng
 from gptforge.train.optim import build_optimizer
@@ -109,6 +118,14 @@ def _apply_adapters(model: GPT, cfg: Config) -> None:
         apply_qat(model, cfg.train.qat)
 
 
+def training_device(cfg: Config, world: World) -> torch.device:
+    """train.device, with each process on its own GPU under torchrun."""
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    return device
+
+
 def _sparsity_masks(model: GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(weight, mask) for every trainable linear weight holding zeros; re-applied after each update."""
     masks = []
@@ -159,9 +176,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
             data.tokenizer.save(run_dir / "tokenizer.json")
     world.barrier()
 
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and world.distributed:
-        device = torch.device("cuda", world.local_rank)
+    device = training_device(cfg, world)
     precision = resolve_precision(cfg.train.precision, device)
 
     rng.seed_everything(cfg.run.seed)  # the same initial weights on every process
@@ -170,12 +185,15 @@ def _train(cfg: Config, world: World) -> TrainResult:
         raw_model.load_state_dict(source.model.state_dict())
     _apply_adapters(raw_model, cfg)
     raw_model.to(device)
-    if ckpt:
+    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
+    if ckpt and not sharded_ckpt:
         checkpoint.load_weights(raw_model, ckpt)
     sparsity_masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
     model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile)
     optimizer = build_optimizer(raw_model, cfg.train, device.type)
-    if saved and "optimizer" in saved:
+    if sharded_ckpt:
+        load_sharded(raw_model, optimizer, ckpt / "dcp")
+    elif saved and "optimizer" in saved:
         load_optimizer_state(raw_model, optimizer, checkpoint.read_optimizer(ckpt, saved), world)
     scaler = precision.grad_scaler()
     if scaler is not None and saved and saved.get("scaler"):
@@ -220,10 +238,22 @@ def _train(cfg: Config, world: World) -> TrainResult:
             or (t.max_time is not None and time_s >= t.max_time)
         )
 
-    def save() -> Path | None:
-        # Gathering is collective: every process takes part, rank 0 writes, the others wait for it.
-        weights = checkpoint.model_tensors(raw_model, full_model_state(raw_model))
-        optim = full_optimizer_state(raw_model, optimizer)
+    sharded = cfg.dist.checkpoint == "sharded" and world.distributed
+
+    def save() -> None:
+        # Collective: every process takes part (gathering or writing its shard), rank 0 completes the folder.
+        staged = weights = optim = None
+        if sharded:
+            staged = checkpoint.staging_dir(run_dir, step, tag="sharded")
+            if world.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            world.barrier()
+            save_sharded(raw_model, optimizer, staged / "dcp")
+            world.barrier()
+        else:
+            weights = checkpoint.model_tensors(raw_model, full_model_state(raw_model))
+            optim = full_optimizer_state(raw_model, optimizer)
         rngs = world.gather_json(rng.capture())
         state = {
             "format": "gptforge-train-state",
@@ -245,16 +275,14 @@ def _train(cfg: Config, world: World) -> TrainResult:
             from gptforge.adapt.lora import lora_state_dict
 
             tensors["adapter.safetensors"] = lora_state_dict(raw_model)  # the adapters alone, for sharing
-        path = None
         if world.is_main:
-            path = checkpoint.save_checkpoint(
+            checkpoint.save_checkpoint(
                 run_dir, step, model=weights, optimizer=optim, state=state, files=files,
-                tensors=tensors, keep=cfg.train.keep_checkpoints,
+                tensors=tensors, keep=cfg.train.keep_checkpoints, staged=staged,
             )
         world.barrier()
         nonlocal last_saved
         last_saved = step
-        return path
 
     def run_eval() -> dict[str, Any]:
         result = evaluate(model, val, precision, token_bytes, device, world)
@@ -325,23 +353,25 @@ def _train(cfg: Config, world: World) -> TrainResult:
     bar.close()
     loader.close()
 
-    final = None
     if step != last_saved:
         last_val = run_eval()
-        final = save()
+        save()
     metrics.close()
     say(f"done: step {step}, {tokens:,} tokens in {time_s:.1f}s of training; run saved in {run_dir}")
 
     samples = []
-    if world.is_main and data.tokenizer is not None and cfg.train.samples:
+    if data.tokenizer is not None and cfg.train.samples:
         sampler = raw_model
-        if world.distributed and cfg.dist.strategy != "ddp":  # sharded: sample from the gathered weights
-            from gptforge.inference import load_checkpoint
-
-            sampler = load_checkpoint(final or checkpoint.find_latest(run_dir), device).model
-        samples = sample_texts(sampler, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
-        for i, text in enumerate(samples):
-            console.show_sample(i, text)
+        if world.distributed and cfg.dist.strategy != "ddp":  # sharded: sample from gathered weights
+            full = full_model_state(raw_model)  # collective
+            sampler = GPT(cfg.model)
+            _apply_adapters(sampler, cfg)
+            sampler.load_state_dict(full)
+            sampler.to(device)
+        if world.is_main:
+            samples = sample_texts(sampler, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
+            for i, text in enumerate(samples):
+                console.show_sample(i, text)
     return TrainResult(run_dir, step, tokens, time_s, train_loss, last_val, saved["step"] if saved else None, samples)
 
 

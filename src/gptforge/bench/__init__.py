@@ -1,0 +1,1 @@
+"""Benchmarks of the real training step: throughput, MFU, memory, time split, scaling across processes."""
