@@ -79,27 +79,6 @@ def test_corrupt_newest_checkpoint_resumes_from_older(small_data, tmp_path, caps
     assert "step_00000004 rejected" in out and "model.safetensors" in out
 
 
-def test_nonfinite_step_is_skipped(small_data, tmp_path, monkeypatch):
-    from gptforge.model.gpt import GPT
-
-    forward = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, **kw):
-        out = forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
-    run(small_data, tmp_path / "r", "train.max_steps=5", "train.log_every=1")
-    events = [r for r in read_metrics(tmp_path / "r") if r.get("event") == "skip_nonfinite"]
-    assert [e["step"] for e in events] == [3]
-    assert all(torch.isfinite(p).all() for p in gptforge.load(tmp_path / "r")[0].parameters())
-
-
 def test_data_dir_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         run(tmp_path / "nowhere", tmp_path / "r", "train.max_steps=1")

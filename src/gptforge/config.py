@@ -107,8 +107,6 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
-    skip_nonfinite: bool = True
-    """Skip the optimizer step when the loss or gradient norm is not finite."""
     samples: int = 2
     """Samples printed at the end of training."""
     init_from: str | None = None
@@ -154,12 +152,39 @@ class DistConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = True
+    """Skip updates whose loss or gradient norm is not finite or spikes (see below); roll back after too many."""
+    window: int = 128
+    """Recent accepted steps the spike rule looks at."""
+    spike_sigmas: float = 6.0
+    """A loss or gradient norm above mean + this many standard deviations of the window is a spike."""
+    min_history: int = 128
+    """Accepted steps in the window before spikes are looked for (and never during warmup): an early window
+    is too short and too steady, and healthy warmup steps would look like spikes."""
+    max_consecutive_skips: int = 5
+    """After this many skipped steps in a row, go back to the last checkpoint's weights and move on past that data."""
+
+
+@dataclass
+class DebugConfig:
+    inject_nan_at_step: int | None = None
+    """Make the loss of this optimizer step (counted from 1) non-finite, to watch the guard work."""
+    inject_spike_at_step: int | None = None
+    """Multiply the loss of this optimizer step by 100, to watch the spike rule work."""
+    inject_count: int = 1
+    """How many consecutive steps the injection above lasts (enough of them trigger a rollback)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -437,6 +462,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"dist.powersgd_start_step: PowerSGD needs at least 2 plain steps, got {dc.powersgd_start_step}")
     if dc.hsdp_shard_size < 0:
         raise ConfigError(f"dist.hsdp_shard_size: expected >= 0 (0: one node), got {dc.hsdp_shard_size}")
+    g = cfg.guard
+    for key in ("window", "max_consecutive_skips"):
+        _positive(f"guard.{key}", getattr(g, key))
+    _positive("guard.spike_sigmas", g.spike_sigmas)
+    if not 2 <= g.min_history <= g.window:
+        raise ConfigError(f"guard.min_history: expected 2..guard.window ({g.window}), got {g.min_history}")
+    for key in ("inject_nan_at_step", "inject_spike_at_step"):
+        if getattr(cfg.debug, key) is not None and getattr(cfg.debug, key) < 1:
+            raise ConfigError(f"debug.{key}: steps are counted from 1, got {getattr(cfg.debug, key)}")
+    _positive("debug.inject_count", cfg.debug.inject_count)
     if t.eval_tokens < m.block_size:
         raise ConfigError(f"train.eval_tokens={t.eval_tokens} is below one sequence (model.block_size={m.block_size})")
 

@@ -11,9 +11,33 @@ from gptforge.observe.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
-# A worker that dies once (SIGKILL) on rank KILL_RANK after KILL_AFTER optimizer steps, first attempt only.
+# A worker that dies once (SIGKILL) on rank KILL_RANK after KILL_AFTER optimizer steps, first attempt only;
+# or whose loss value (not its gradient) turns NaN on rank NAN_RANK at forward call NAN_CALL, and which
+# writes a checksum of its weights at every save, to compare the processes.
 CHILD = r"""
-import os, signal, sys, torch
+import hashlib, os, signal, sys, torch
+if "NAN_RANK" in os.environ and os.environ["RANK"] == os.environ["NAN_RANK"]:
+    from gptforge.model.gpt import GPT
+    forward, calls = GPT.forward, {"n": 0}
+    def poisoned(self, idx, targets=None, **kw):
+        out = forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == int(os.environ["NAN_CALL"]):
+                return out + out.detach() * float("nan")
+        return out
+    GPT.forward = poisoned
+if "CHECKSUM_DIR" in os.environ:
+    import gptforge.train.checkpoint as ckpt
+    tensors = ckpt.model_tensors
+    def checksummed(model, state=None):
+        out = tensors(model, state)
+        own = model.state_dict()  # this process's own copy (the gathered state lives on rank 0 only)
+        digest = hashlib.sha256(b"".join(own[k].detach().numpy().tobytes() for k in sorted(own))).hexdigest()
+        with open(os.path.join(os.environ["CHECKSUM_DIR"], "rank" + os.environ["RANK"]), "w") as f:
+            f.write(digest)
+        return out
+    ckpt.model_tensors = checksummed
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
     calls = {"n": 0}
     step = torch.optim.AdamW.step
@@ -37,12 +61,12 @@ def train_args(data, run_dir, steps, *extra):
     ]
 
 
-def launch(nproc, argv, restarts=0, env=None):
+def launch(nproc, argv, restarts=0, env=None, child=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "gptforge", *argv]
-    elif restarts:  # torchrun restarts a script: the child that kills itself once
+    elif restarts or child:  # the child script above, run by torchrun
         script = os.path.join(env["CHILD_DIR"], "child.py")
         with open(script, "w") as f:
             f.write(CHILD)
@@ -151,3 +175,12 @@ def test_scaling_report(small_data, tmp_path):
     assert report["many"]["tokens_per_step"] == 2 * report["one"]["tokens_per_step"]  # weak scaling
     assert report["many"]["comm_bytes_per_step"] > 0 and len(report["many"]["step_times_s"]) == 3
     assert 0 < report["scaling_efficiency"] and report["distributed_overhead_s"] >= 0
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_by_all(small_data, tmp_path):
+    # Rank 1's loss value turns NaN in step 3 (forward call 5 of 2 per step) while its gradients stay finite.
+    launch(2, train_args(small_data, tmp_path / "run", 5), child=True,
+           env={"NAN_RANK": "1", "NAN_CALL": "5", "CHECKSUM_DIR": str(tmp_path), "CHILD_DIR": str(tmp_path)})
+    skips = [r["step"] for r in read_metrics(tmp_path / "run") if r.get("event") == "skip_nonfinite"]
+    assert skips == [3]
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text()  # both skipped: still in step

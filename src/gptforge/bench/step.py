@@ -8,37 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptforge import __version__
 from gptforge.config import Config, validate
 from gptforge.data.loader import Layout, TokenLoader
 from gptforge.model.flops import flops_per_token, num_params
 from gptforge.model.gpt import GPT
-from gptforge.observe.hardware import device_name, peak_flops
+from gptforge.observe.environment import environment
+from gptforge.observe.hardware import peak_flops
 from gptforge.parallel.distribute import distribute
 from gptforge.parallel.world import World, close_world, init_world
 from gptforge.train import rng
-from gptforge.train.loop import Stepper, resolve_data, training_device
+from gptforge.train.loop import Stepper, peak_memory_gb, resolve_data, training_device
 from gptforge.train.optim import build_optimizer
 from gptforge.train.precision import resolve_precision
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _sync(device: torch.device) -> None:
@@ -79,7 +67,7 @@ def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]
         t0 = time.perf_counter()
         batches = loader.next_step()
         t1 = time.perf_counter()
-        stepper.step(batches, cfg.train.lr)
+        stepper.step(batches, cfg.train.lr, i + 1)
         _sync(device)
         t2 = time.perf_counter()
         if i >= warmup:
@@ -92,29 +80,16 @@ def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]
     tps = tokens / median
     peak = peak_flops(device, precision.name)
     mfu = flops_per_token(cfg.model) * tps / (peak * world.world_size)
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # CPU: the process's peak resident memory (ru_maxrss is KiB on Linux)
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
-        "gptforge_version": __version__,
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_sha": git_sha(),
-        "command": " ".join(sys.argv),
+        **environment(device, precision.name, world.world_size),
         "config": cfg.to_dict(),
         "model": {**num_params(cfg.model), "flops_per_token": flops_per_token(cfg.model)},
-        "precision": precision.name,
-        "world_size": world.world_size,
         "tokens_per_step": tokens,
         "tokens_per_sec": tps,
         "tokens_per_sec_per_process": tps / world.world_size,
         "mfu": mfu,
         "peak_flops_per_process": peak,
-        "peak_mem_gb": peak_mem,
+        "peak_mem_gb": peak_memory_gb(device),
         "median_step_s": median,
         "median_data_wait_s": statistics.median(data_s),
         "step_times_s": step_s,

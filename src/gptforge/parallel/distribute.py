@@ -12,6 +12,7 @@ accumulation, and the full (gathered) state dicts that checkpoints are written f
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,9 +166,20 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
+def is_sharded_model(model: nn.Module) -> bool:
+    """True once fully_shard has been applied (its parameters are DTensors)."""
+    return any(hasattr(m, "set_requires_gradient_sync") for m in model.modules())
+
+
+def load_full_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Full (unsharded) weights into a sharded model; each process keeps its own shard. A tied weight may
+    appear under one of its names only, hence not strict."""
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, world: World) -> None:
     """Load name-keyed optimizer state into a plain, DDP or sharded model's optimizer."""
-    if world.distributed and any(hasattr(m, "set_requires_gradient_sync") for m in model.modules()):
+    if world.distributed and is_sharded_model(model):
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
         return
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
@@ -200,7 +212,9 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process without a group is the intended use here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])

@@ -253,11 +253,19 @@ def model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if k in canonical}
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    file = Path(path) / "model.safetensors"
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load model.safetensors into `model`: every tensor, every shape; a tied weight may appear under either name."""
     file = Path(path) / "model.safetensors"
+    tensors = read_weights(path)
     try:
-        tensors = load_file(str(file))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be loaded into this model ({e})") from None

@@ -10,6 +10,7 @@ weights, optimizer, every RNG, the loader position and the counters.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -24,11 +25,12 @@ from gptforge import __version__
 from gptforge.config import Config, save_config, validate
 from gptforge.data.loader import Layout, TokenLoader, val_batches
 from gptforge.data.prepare import DataDir, load_data_dir
-from gptforge.errors import CheckpointError
+from gptforge.errors import CheckpointError, GptforgeError
 from gptforge.evaluate.loss import evaluate
 from gptforge.model.flops import flops_per_token, num_params
 from gptforge.model.gpt import GPT
 from gptforge.observe import console
+from gptforge.observe.environment import environment
 from gptforge.observe.hardware import peak_flops
 from gptforge.observe.metrics import MetricsLog, truncate_after
 from gptforge.parallel.distribute import (
@@ -36,12 +38,15 @@ from gptforge.parallel.distribute import (
     full_model_state,
     full_optimizer_state,
     grad_sync,
+    is_sharded_model,
+    load_full_model_state,
     load_optimizer_state,
     load_sharded,
     save_sharded,
 )
 from gptforge.parallel.world import World, close_world, init_world
 from gptforge.train import checkpoint, rng
+from gptforge.train.guard import Guard
 from gptforge.train.optim import build_optimizer
 from gptforge.train.precision import pick_device, resolve_precision
 from gptforge.train.schedule import lr_multiplier, progress
@@ -118,6 +123,27 @@ def _apply_adapters(model: GPT, cfg: Config) -> None:
         apply_qat(model, cfg.train.qat)
 
 
+def _rollback(model: GPT, optimizer: torch.optim.Optimizer, ckpt: Path, world: World) -> None:
+    """Weights and optimizer state of a checkpoint; the loader keeps its position, so the data moves on."""
+    if checkpoint.is_sharded(ckpt):
+        load_sharded(model, optimizer, ckpt / "dcp")
+        return
+    if is_sharded_model(model):
+        load_full_model_state(model, checkpoint.read_weights(ckpt))
+    else:
+        checkpoint.load_weights(model, ckpt)
+    load_optimizer_state(model, optimizer, checkpoint.read_optimizer(ckpt, checkpoint.read_state(ckpt)), world)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def training_device(cfg: Config, world: World) -> torch.device:
     """train.device, with each process on its own GPU under torchrun."""
     device = pick_device(cfg.train.device)
@@ -170,14 +196,15 @@ def _train(cfg: Config, world: World) -> TrainResult:
     cfg = dataclasses.replace(cfg, model=model_cfg)
     if saved:
         _check_same_run(saved, cfg, data, run_dir)
+    device = training_device(cfg, world)
+    precision = resolve_precision(cfg.train.precision, device)
     if world.is_main:
         save_config(cfg, run_dir / "config.yaml")
         if data.tokenizer is not None:
             data.tokenizer.save(run_dir / "tokenizer.json")
+        checkpoint.atomic_write_text(run_dir / "environment.json",
+                                     json.dumps(environment(device, precision.name, world.world_size), indent=1))
     world.barrier()
-
-    device = training_device(cfg, world)
-    precision = resolve_precision(cfg.train.precision, device)
 
     rng.seed_everything(cfg.run.seed)  # the same initial weights on every process
     raw_model = GPT(cfg.model)
@@ -239,6 +266,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
         )
 
     sharded = cfg.dist.checkpoint == "sharded" and world.distributed
+    guard = Guard(cfg.guard, saved.get("guard") if saved else None)
 
     def save() -> None:
         # Collective: every process takes part (gathering or writing its shard), rank 0 completes the folder.
@@ -268,6 +296,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
             "tokenizer_sha256": data.tokenizer.sha256 if data.tokenizer is not None else None,
             "world_size": world.world_size,
             "last_val": last_val,
+            "guard": guard.state_dict(),
         }
         files = {"tokenizer.json": run_dir / "tokenizer.json"} if data.tokenizer is not None else {}
         tensors = {}
@@ -304,7 +333,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
         rng.restore(saved["rng"][str(world.rank)])
     else:  # a new run, or a process that did not exist when the checkpoint was written
         rng.seed_everything(cfg.run.seed + world.rank + step)
-    stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, sparsity_masks)
+    stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, sparsity_masks, guard)
     window_tokens, window_time = 0, 0.0
     bar = console.TrainProgress(enabled=world.is_main)
     model.train()
@@ -312,7 +341,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
         while budget_left():
             t0 = time.perf_counter()
             lr = cfg.train.lr * lr_multiplier(cfg.train, step, progress(cfg.train, step, tokens, time_s))
-            loss, grad_norm, applied = stepper.step(loader.next_step(), lr)
+            loss, grad_norm, skipped = stepper.step(loader.next_step(), lr, step + 1)
             if device.type == "cuda" and (step + 1) % cfg.train.log_every == 0:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -322,16 +351,29 @@ def _train(cfg: Config, world: World) -> TrainResult:
             window_tokens += step_tokens
             window_time += dt
 
-            if not applied:
-                metrics.event("skip_nonfinite", step, loss=loss, grad_norm=grad_norm)
-                say(f"[yellow]step {step}: non-finite loss or gradient norm; optimizer step skipped[/]")
+            if skipped:
+                metrics.event(f"skip_{skipped}", step, loss=loss, grad_norm=grad_norm, consecutive=guard.consecutive)
+                say(f"[yellow]step {step}: {skipped.replace('_', ' ')} (loss {loss:.4g}, grad norm {grad_norm:.4g}); "
+                    "update skipped[/]")
+            if guard.needs_rollback:
+                rollback_to = checkpoint.find_latest(run_dir, report=say)
+                if rollback_to is None:
+                    raise GptforgeError(
+                        f"{guard.consecutive} updates in a row were skipped (step {step}) and there is no checkpoint "
+                        "to go back to; lower train.lr or check the data (metrics.jsonl has every skip)"
+                    )
+                _rollback(raw_model, optimizer, rollback_to, world)
+                metrics.event("rollback", step, checkpoint=rollback_to.name, skipped=guard.consecutive)
+                say(f"[yellow]step {step}: {guard.consecutive} skipped updates in a row; weights and optimizer back to "
+                    f"{rollback_to.name}, data moves on[/]")
+                guard.consecutive = 0
             if step % cfg.train.log_every == 0 or not budget_left():
                 train_loss = loss
                 tps = window_tokens / window_time
                 record = {
                     "step": step, "tokens": tokens, "time_s": round(time_s, 3), "lr": lr,
                     "train_loss": train_loss, "grad_norm": grad_norm, "tokens_per_sec": round(tps, 1),
-                    "mfu": round(fpt * tps / (peak * world.world_size), 5),
+                    "mfu": round(fpt * tps / (peak * world.world_size), 5), "peak_mem_gb": round(peak_memory_gb(device), 3),
                 }
                 if comm is not None:
                     record.update(comm_bytes_per_step=comm.bytes_per_step, compression_ratio=round(comm.ratio, 2))
@@ -370,30 +412,44 @@ def _train(cfg: Config, world: World) -> TrainResult:
             sampler.to(device)
         if world.is_main:
             samples = sample_texts(sampler, data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
+            with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"step": step, "sample": text}) + "\n" for text in samples)
             for i, text in enumerate(samples):
                 console.show_sample(i, text)
     return TrainResult(run_dir, step, tokens, time_s, train_loss, last_val, saved["step"] if saved else None, samples)
 
 
 class Stepper:
-    """One optimizer step: micro-steps with gradient accumulation, clipping, the non-finite skip, the update."""
+    """One optimizer step: micro-steps with gradient accumulation, clipping, the guard's verdict, the update."""
 
-    def __init__(self, model, raw_model, optimizer, scaler, precision, world: World, cfg: Config, sparsity_masks):
+    def __init__(self, model, raw_model, optimizer, scaler, precision, world: World, cfg: Config, sparsity_masks,
+                 guard: Guard | None = None):
         self.model, self.optimizer, self.scaler, self.precision, self.world = model, optimizer, scaler, precision, world
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        self.skip_nonfinite = cfg.train.skip_nonfinite
+        self.debug = cfg.debug
+        self.warmup = cfg.train.warmup_steps
         self.sparsity_masks = sparsity_masks
+        self.guard = guard
 
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float, bool]:
-        """Returns the mean loss over all processes, the gradient norm, and whether the update was applied."""
+    def _injected(self, step: int, at: int | None) -> bool:
+        return at is not None and at <= step < at + self.debug.inject_count
+
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, step: int) -> tuple[float, float, str | None]:
+        """Optimizer step number `step` (from 1). Returns the mean loss over all processes, the gradient
+        norm, and why the update was skipped (None when it was applied)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = len(batches)
+        scale = 1.0
+        if self._injected(step, self.debug.inject_nan_at_step):
+            scale = math.nan
+        elif self._injected(step, self.debug.inject_spike_at_step):
+            scale = 100.0
         loss_sum = torch.zeros((), device=self.params[0].device)
         for i, (x, y) in enumerate(batches):
             with grad_sync(self.model, enabled=i == accum - 1), self.precision.autocast():
-                loss = self.model(x, y) / accum
+                loss = self.model(x, y) * (scale / accum)
                 loss_sum += loss.detach()
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
@@ -401,23 +457,25 @@ class Stepper:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor when parameters are sharded
             grad_norm = grad_norm.full_tensor()
-        # One all-reduce: the mean loss, and whether any process saw a non-finite one (so all decide alike).
+        # One all-reduce: the mean loss, and whether any process saw a non-finite one, so all decide alike.
         stats = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float()])
         self.world.all_reduce(stats)
         loss, any_nonfinite = (stats / self.world.world_size).tolist()
-        if self.scaler is not None:  # the scaler skips steps with inf/nan gradients itself
-            self.scaler.step(self.optimizer)
+        loss = math.nan if any_nonfinite else loss
+        grad_norm = float(grad_norm)
+        reason = self.guard.check(loss, grad_norm, spikes=step > self.warmup) if self.guard is not None else None
+        if self.scaler is not None:
+            if reason is None or reason == "nonfinite":  # fp16 overflow is the scaler's to handle
+                self.scaler.step(self.optimizer)
+                reason = None
             self.scaler.update()
-            applied = True
-        else:
-            applied = not self.skip_nonfinite or (any_nonfinite == 0 and math.isfinite(float(grad_norm)))
-            if applied:
-                self.optimizer.step()
+        elif reason is None:
+            self.optimizer.step()
         with torch.no_grad():
             for weight, mask in self.sparsity_masks:
                 weight.mul_(mask)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, float(grad_norm), applied
+        return loss, grad_norm, reason
 
 
 def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:
