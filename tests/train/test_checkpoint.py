@@ -9,6 +9,7 @@ from torch import nn
 from gptforge.errors import CheckpointError
 from gptforge.parallel.distribute import full_optimizer_state, load_optimizer_state
 from gptforge.parallel.world import World
+from gptforge.fileio import sha256_file
 from gptforge.train import checkpoint
 
 
@@ -115,7 +116,7 @@ def test_pickle_payload_never_runs(tmp_path):
     (path / "model.safetensors").write_bytes(evil)
     # An attacker who also rewrites the manifest gets past the checksum, and still cannot run code.
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["model.safetensors"] = {"bytes": len(evil), "sha256": checkpoint.sha256_file(path / "model.safetensors")}
+    manifest["files"]["model.safetensors"] = {"bytes": len(evil), "sha256": sha256_file(path / "model.safetensors")}
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert checkpoint.verify(path) == []
     with pytest.raises(CheckpointError, match="model.safetensors"):

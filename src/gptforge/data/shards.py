@@ -15,7 +15,6 @@ train here unchanged, and ours load there.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gptforge.errors import DataError
+from gptforge.fileio import fsync_dir, sha256_file  # noqa: F401  (re-exported for prepare)
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -59,15 +59,6 @@ def _check_range(tokens: np.ndarray, vocab_size: int) -> None:
     """Refuse ids the shard dtype or the vocabulary cannot hold, instead of wrapping them silently."""
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}); got {tokens.min()}..{tokens.max()}")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make renames and new entries in directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
@@ -119,14 +110,6 @@ def open_shard(path: str | Path) -> np.ndarray:
     if info.num_tokens == 0:  # mmap cannot map zero bytes
         return np.empty(0, dtype=info.dtype)
     return np.memmap(info.path, dtype=info.dtype, mode="r", offset=HEADER_BYTES, shape=(info.num_tokens,))
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_shards(data_dir: str | Path, split: str) -> list[Path]:

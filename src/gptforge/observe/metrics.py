@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gptforge.train.checkpoint import atomic_write_text
+from gptforge.fileio import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

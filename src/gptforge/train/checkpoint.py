@@ -19,12 +19,10 @@ check) and the next older intact one is taken. Nothing here unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gptforge.errors import CheckpointError
+from gptforge.fileio import fsync_dir, fsync_file, sha256_file
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -89,11 +88,11 @@ def save_checkpoint(
 
     entries = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(path)
+        fsync_file(path)
         entries[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     _write_json(tmp / MANIFEST, {"format": "gptforge-checkpoint", "version": 1, "step": step, "files": entries})
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
 
     if final.exists():  # the same step written again (after a resume): swap, so one intact copy always exists
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -102,7 +101,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     return final
 
@@ -297,35 +296,5 @@ def read_optimizer(path: str | Path, state: dict[str, Any]) -> dict:
 # Files
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, allow_nan=True))
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)

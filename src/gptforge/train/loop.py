@@ -27,6 +27,7 @@ from gptforge.data.loader import Layout, TokenLoader, val_batches
 from gptforge.data.prepare import DataDir, load_data_dir
 from gptforge.errors import CheckpointError, GptforgeError
 from gptforge.evaluate.loss import evaluate
+from gptforge.fileio import atomic_write_text
 from gptforge.model.flops import flops_per_token, num_params
 from gptforge.model.gpt import GPT
 from gptforge.observe import console
@@ -202,7 +203,7 @@ def _train(cfg: Config, world: World) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         if data.tokenizer is not None:
             data.tokenizer.save(run_dir / "tokenizer.json")
-        checkpoint.atomic_write_text(run_dir / "environment.json",
+        atomic_write_text(run_dir / "environment.json",
                                      json.dumps(environment(device, precision.name, world.world_size), indent=1))
     world.barrier()
 
