@@ -17,6 +17,7 @@ Train, sample and evaluate GPT models.
   gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
   gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
   gptforge eval RUN_DIR [--json]              validation loss, bits per byte, perplexity
+  gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
   gptforge import-hf HF_DIR --out RUN_DIR     a Hugging Face GPT-2 folder (safetensors) as a gptforge run
   gptforge export-hf RUN_DIR --out HF_DIR     a gptforge run as a folder transformers loads
@@ -177,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="compare 1 process with N processes (torchrun, same host)")
     p.add_argument("--json", metavar="FILE", help="write the record (device, versions, git sha, per-step times) as JSON")
     p.set_defaults(func=_bench)
+
+    from gptforge.observe import report
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run", formatter_class=raw,
+                       description="Write RUN_DIR/report.html: loss, learning rate, gradient norm, throughput, MFU, "
+                       "memory, guard events, samples, config and environment, plots inline.")
+    report.add_report_arguments(p)
+    p.set_defaults(func=report.run_report)
 
     from gptforge.adapt import hf
 

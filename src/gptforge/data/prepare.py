@@ -37,8 +37,10 @@ from gptforge.data.corpus import (
     stdlib_dir,
     stdlib_files,
 )
-from gptforge.data.shards import ShardInfo, ShardWriter, find_shards, fsync_dir, read_header, sha256_file
+from gptforge.data.curate import CURATION_SKIP_REASONS, DEDUP_MODES, PII_KINDS, Blocklist, Curator, Deduplicator
+from gptforge.data.shards import ShardInfo, ShardWriter, find_shards, read_header
 from gptforge.data.tokenizer import Tokenizer
+from gptforge.fileio import fsync_dir, sha256_file
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
 FORMAT, FORMAT_VERSION = "gptforge-data", 1
@@ -46,6 +48,7 @@ SPLITS = ("train", "val")
 SHORT_DOCUMENT_TOKENS = 64
 BATCH_CHARS = 4 << 20  # per encode_batch call: enough documents to keep every core busy
 GPT2_VOCAB_SIZE = 50257  # what an llm.c uint16 shard means when nothing says otherwise
+ALL_SKIP_REASONS = {**SKIP_REASONS, **CURATION_SKIP_REASONS}
 
 
 class OutputExistsError(DataError):
@@ -112,7 +115,9 @@ class SplitWriter:
 # ---------------------------------------------------------------- prepare
 
 
-def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int) -> None:
+def _check_options(
+    tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int, dedup: str, near_dup_threshold: float
+) -> None:
     """Refuse bad options before any work, so a typo never costs a first pass over the corpus."""
     if tokenizer not in ("bpe", "bytes") and not Path(tokenizer).exists():
         raise ConfigError(
@@ -124,6 +129,10 @@ def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_t
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ConfigError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if dedup not in DEDUP_MODES:
+        raise ConfigError(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {dedup!r}")
+    if not 0 < near_dup_threshold < 1:
+        raise ConfigError(f"--near-dup-threshold must be in (0, 1), got {near_dup_threshold}")
 
 
 def _make_tokenizer(spec: str, vocab_size: int, training_texts: Iterator[str]) -> tuple[str, Tokenizer]:
@@ -183,7 +192,7 @@ def _skip_summary(reader: Reader) -> str:
         return "nothing was skipped"
     return "; ".join(
         f"{reason} {reader.skipped[reason]} (e.g. {', '.join(reader.examples[reason][:2])})"
-        for reason in SKIP_REASONS
+        for reason in ALL_SKIP_REASONS
         if reader.skipped[reason]
     )
 
@@ -231,14 +240,27 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     max_train_docs_for_tokenizer: int | None = None,
+    dedup: str = "none",
+    near_dup_threshold: float = 0.85,
+    blocklist: str | Path | None = None,
+    scrub_pii: bool = False,
 ) -> dict:
     """Tokenize `inputs` (the built-in corpus when empty) into DATA_DIR `out`; returns the manifest.
 
     A BPE tokenizer is trained on a first pass over the documents (or the first
-    `max_train_docs_for_tokenizer` of them); the second pass tokenizes.
+    `max_train_docs_for_tokenizer` of them); the second pass tokenizes. Both passes
+    see the curated text (see `gptforge.data.curate`), so the tokenizer learns from
+    exactly what gets tokenized. Curation is off unless asked for: called as a
+    library, `prepare` keeps every usable document as it is (`gptforge prepare`
+    deduplicates exactly by default).
     """
     start = time.perf_counter()
-    _check_options(tokenizer, vocab_size, val_fraction, shard_tokens)
+    _check_options(tokenizer, vocab_size, val_fraction, shard_tokens, dedup, near_dup_threshold)
+    blocked = Blocklist.from_file(blocklist) if blocklist is not None else None
+
+    def curator() -> Curator:  # one per pass: each pass must see every document once
+        return Curator(Deduplicator(dedup, near_dup_threshold), blocked, scrub_pii)
+
     out = Path(out)
     _check_output(out, force)
     files = collect_files(inputs, exclude=out) if inputs else stdlib_files()
@@ -249,19 +271,29 @@ def prepare(
     tmp.mkdir(parents=True)
     try:
         with _progress(progress) as bar:
-            first_pass = _tracked(Reader(files, text_field, text_column), bar, "training tokenizer")
+            first_reader = Reader(files, text_field, text_column)
+            first_pass = curator().documents(_tracked(first_reader, bar, "training tokenizer"), first_reader.skip)
             training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
             kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
-            reader = Reader(files, text_field, text_column)
-            splits, short = _tokenize(reader, tok, bar, tmp, val_fraction, shard_tokens)
+            reader, curation = Reader(files, text_field, text_column), curator()
+            splits, short = _tokenize(reader, curation, tok, bar, tmp, val_fraction, shard_tokens)
         _write_durably(tmp / "tokenizer.json", tok.to_json())
+        # A curation reason is listed when its step ran, so a manifest without curation reads as before.
+        reasons = [*SKIP_REASONS, *curation.reasons]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "tokenizer": {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "splits": splits,
-            "skipped": {reason: reader.skipped[reason] for reason in SKIP_REASONS},
-            "skipped_examples": {reason: reader.examples.get(reason, []) for reason in SKIP_REASONS},
+            "skipped": {reason: reader.skipped[reason] for reason in reasons},
+            "skipped_examples": {reason: reader.examples.get(reason, []) for reason in reasons},
+            "curation": {
+                "dedup": dedup,
+                "near_dup_threshold": near_dup_threshold if dedup == "near" else None,
+                "blocklist": str(blocklist) if blocklist is not None else None,
+                "scrub_pii": scrub_pii,
+            },
+            "pii_scrubbed": {kind: curation.pii[kind] for kind in PII_KINDS} if scrub_pii else None,
             "stats": {
                 "files": len(files),
                 "bytes": reader.bytes_done,
@@ -283,13 +315,18 @@ def prepare(
 
 
 def _tokenize(
-    reader: Reader, tok: Tokenizer, bar: Progress, out_dir: Path, val_fraction: float, shard_tokens: int
+    reader: Reader, curator: Curator, tok: Tokenizer, bar: Progress, out_dir: Path, val_fraction: float,
+    shard_tokens: int,
 ) -> tuple[dict, int]:
-    """Second pass: tokenize every document into split shards; returns the manifest's splits and
-    the number of short documents."""
+    """Second pass: tokenize every curated document into split shards; returns the manifest's splits and
+    the number of short documents.
+
+    Curation comes before the split, which hashes the final text: duplicates are gone
+    before they could land on both sides, and a scrubbed document is placed by what
+    is actually stored."""
     writer = SplitWriter(out_dir, tok.vocab_size, shard_tokens)
     short = 0
-    for batch in _batches(_tracked(reader, bar, "tokenizing")):
+    for batch in _batches(curator.documents(_tracked(reader, bar, "tokenizing"), reader.skip)):
         for (text, location), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
             if not ids:  # possible with tokenizers whose normalizer drops characters
                 reader.skip("empty", location)
@@ -431,6 +468,24 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of documents held out for validation, chosen by a hash of each document",
     )
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file")
+    parser.add_argument(
+        "--dedup", choices=DEDUP_MODES, default="exact",
+        help="drop repeated documents: 'exact' (same text up to whitespace; the default), 'near' (also "
+        "MinHash/LSH near-duplicates; needs pip install gptforge[curate]) or 'none'",
+    )
+    parser.add_argument(
+        "--near-dup-threshold", type=float, default=0.85, metavar="JACCARD",
+        help="--dedup near: Jaccard similarity of word 5-grams the LSH index is tuned to (default: 0.85)",
+    )
+    parser.add_argument(
+        "--blocklist", metavar="FILE",
+        help="drop documents containing any term or phrase of FILE (one per line, whole words, any case; # comments)",
+    )
+    parser.add_argument(
+        "--scrub-pii", action="store_true",
+        help="replace e-mail addresses, phone numbers and secrets (API keys, tokens, private keys, passwords) "
+        "with <EMAIL>, <PHONE>, <SECRET>. Off by default: it rewrites the text the model learns from",
+    )
     parser.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; print one line at the end")
 
@@ -441,7 +496,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         manifest = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             text_field=args.text_field, text_column=args.text_column, val_fraction=args.val_fraction,
-            shard_tokens=args.shard_tokens, force=args.force, progress=not args.quiet,
+            shard_tokens=args.shard_tokens, force=args.force, progress=not args.quiet, dedup=args.dedup,
+            near_dup_threshold=args.near_dup_threshold, blocklist=args.blocklist, scrub_pii=args.scrub_pii,
         )
     except GptforgeError as exc:
         print(f"gptforge prepare: error: {exc}", file=sys.stderr)
@@ -469,8 +525,21 @@ def summary_table(manifest: dict, out: str | Path) -> Table:
             split, f"{info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)"
         )
     table.add_row("short documents", f"{stats['short_documents']:,} (< {SHORT_DOCUMENT_TOKENS} tokens, kept)")
+    table.add_row("curation", escape(_curation_summary(manifest["curation"])))
+    if manifest["pii_scrubbed"] is not None:
+        counts = ", ".join(f"{count:,} {kind}" for kind, count in manifest["pii_scrubbed"].items())
+        table.add_row("PII scrubbed", f"{counts} (replaced; documents kept)")
     for reason, count in manifest["skipped"].items():
         if count:
             examples = escape(", ".join(manifest["skipped_examples"][reason]))
-            table.add_row(f"skipped: {reason}", f"{count:,} ({SKIP_REASONS[reason]}) e.g. {examples}", style="yellow")
+            description = ALL_SKIP_REASONS[reason]
+            table.add_row(f"skipped: {reason}", f"{count:,} ({description}) e.g. {examples}", style="yellow")
     return table
+
+
+def _curation_summary(curation: dict) -> str:
+    dedup = curation["dedup"]
+    if dedup == "near":
+        dedup = f"near (threshold {curation['near_dup_threshold']})"
+    blocklist = curation["blocklist"] or "none"
+    return f"dedup {dedup}, blocklist {blocklist}, PII scrubbing {'on' if curation['scrub_pii'] else 'off'}"

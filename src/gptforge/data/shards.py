@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from gptforge.errors import DataError
-from gptforge.fileio import fsync_dir, sha256_file  # noqa: F401  (re-exported for prepare)
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
