@@ -83,3 +83,19 @@ def test_config_file_and_resolved_config(trained, tmp_path, small_data):
     path.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "train": {"max_steps": 2, "max_time": None}}))
     assert main(["train", "--config", str(path), f"data.dir={small_data}", f"run.dir={tmp_path / 'r'}",
                  "train.samples=0", "run.tensorboard=false"]) == 0
+
+
+def test_bias_safety_inspect_and_report_from_the_command_line(trained, tmp_path, capsys):
+    assert main(["eval", str(trained), "--bias", "--n-boot", "50", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "bias" in report and "gender" in report["bias"]["attributes"]
+
+    assert main(["sample", str(trained), "--prompt", "mail me at someone@example.com ", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    assert "someone@example.com" not in out.out and "[masked:" in out.out
+
+    assert main(["inspect", str(trained), "--prompt", "def f(x):", "--out", str(tmp_path / "look")]) == 0
+    assert list((tmp_path / "look").glob("attention_layer_*.png"))
+
+    assert main(["report", str(trained), "--out", str(tmp_path / "r.html")]) == 0
+    assert "data:image/png;base64," in (tmp_path / "r.html").read_text()

@@ -16,7 +16,8 @@ Train, sample and evaluate GPT models.
   gptforge prepare INPUT... --out DATA_DIR    tokenize text, JSONL or Parquet into token shards
   gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
   gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
-  gptforge eval RUN_DIR [--json]              validation loss, bits per byte, perplexity
+  gptforge eval RUN_DIR [--json] [--bias]     validation loss, bits per byte, perplexity; bias gaps
+  gptforge inspect RUN_DIR --prompt TEXT      attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
   gptforge import-hf HF_DIR --out RUN_DIR     a Hugging Face GPT-2 folder (safetensors) as a gptforge run
@@ -40,9 +41,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from gptforge.evaluate.generate import generate
+    from gptforge.evaluate.safety import safety_from_args
     from gptforge.inference import load_checkpoint
     from gptforge.train.precision import pick_device
 
+    safety = safety_from_args(args)  # a bad lists file fails before the model loads
     run = load_checkpoint(args.run_dir, pick_device(args.device))
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn a prompt into tokens")
@@ -53,14 +56,24 @@ def _sample(args: argparse.Namespace) -> int:
             run.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed + i, eot_id=None if args.no_stop else tok.eot_id,
         )
-        text = args.prompt + tok.decode(new)
+        text = args.prompt + tok.decode(new)  # filtered whole: a completion can finish what the prompt began
+        if safety is not None:
+            text, _ = safety.apply(text)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
+    if safety is not None:
+        print(safety.summary(), file=sys.stderr)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.bias:
+        from gptforge.evaluate.bias import run_bias
+
+        return run_bias(args)
+    if args.templates:
+        raise GptforgeError("--templates belongs to --bias: gptforge eval RUN_DIR --bias --templates FILE")
     from gptforge.data.loader import val_batches
     from gptforge.data.prepare import load_data_dir
     from gptforge.evaluate.loss import evaluate
@@ -153,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    from gptforge.evaluate.safety import add_safety_arguments
+
+    add_safety_arguments(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=raw,
@@ -164,7 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto, fp32, tf32, bf16 or fp16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object: val_loss, val_bpb, perplexity, ...")
+    from gptforge.evaluate.bias import add_bias_arguments
+
+    add_bias_arguments(p)
     p.set_defaults(func=_eval)
+
+    from gptforge.evaluate import inspect
+
+    p = sub.add_parser("inspect", help="attention maps, logit lens and token attributions for a prompt",
+                       formatter_class=raw, description="Look inside a trained model on one prompt: attention "
+                       "maps per layer and head (PNG), the logit lens (top tokens after each layer) and token "
+                       "attributions (gradient x input).")
+    inspect.add_inspect_arguments(p)
+    p.set_defaults(func=inspect.run_inspect)
 
     p = sub.add_parser("bench", help="time the real training step; --nproc N for a scaling report", formatter_class=raw,
                        epilog="Takes the same config keys as train (see gptforge train --help).",

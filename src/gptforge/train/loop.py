@@ -480,15 +480,18 @@ class Stepper:
 
 
 def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:
-    """Unconditional samples (each starts right after an end-of-text token) or continuations of `prompt`."""
+    """Unconditional samples (each starts right after an end-of-text token) or continuations of `prompt`,
+    through the default output safety filter (masking)."""
     from gptforge.evaluate.generate import generate
+    from gptforge.evaluate.safety import SafetyFilter
 
+    safety = SafetyFilter.from_file()
     was_training = model.training
     model.eval()
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
     texts = []
     for i in range(n):
         new = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed + i, eot_id=tokenizer.eot_id)
-        texts.append(prompt + tokenizer.decode(new))
+        texts.append(safety.apply(prompt + tokenizer.decode(new))[0])
     model.train(was_training)
     return texts
