@@ -156,3 +156,28 @@ def test_lora_fine_tune_trains_adapters_only_and_merges_on_load(small_data, tmp_
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ids = torch.tensor([tok.encode("def f(x):")])
     assert not torch.allclose(merged(ids), original(ids))
+
+
+def test_quantization_aware_training_then_quantize(small_data, tmp_path):
+    from gptforge.adapt.qat import apply_qat
+    from gptforge.adapt.quantize import quantize_run
+
+    run(small_data, tmp_path / "a", "train.max_steps=4")
+    run(small_data, tmp_path / "q", "train.max_steps=6", "train.qat=int8", f"train.init_from={tmp_path / 'a'}")
+    quantize_run(tmp_path / "q", tmp_path / "q8", "int8", 64, False)
+    trained, _ = gptforge.load(tmp_path / "q")
+    quantized, _ = gptforge.load(tmp_path / "q8")
+    ids = torch.randint(0, 500, (2, 32))
+    # trained with the int8 rounding in the loop, the real int8 model computes what training saw
+    apply_qat(trained, "int8")
+    trained.eval()
+    fake, real = trained(ids), quantized(ids)
+    # the int8 CPU kernel takes bf16 activations (W8A16): agreement to bf16 precision of the logits
+    torch.testing.assert_close(real, fake, rtol=0, atol=2e-2 * fake.abs().max().item())
+
+
+def test_lora_and_qat_together_are_refused():
+    from gptforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.qat"):
+        load_config(None, ["train.lora.rank=4", "train.qat=int8"])

@@ -11,17 +11,20 @@ from gptforge import __version__
 from gptforge.errors import GptforgeError
 
 MAIN_HELP = """\
-Train, sample and evaluate GPT models.
+Train, adapt, compress, check and serve GPT models.
 
-  gptforge prepare INPUT... --out DATA_DIR    tokenize text, JSONL or Parquet into token shards
-  gptforge train [--config FILE] [key=value]  train (or resume) a GPT; no data given: the built-in corpus
-  gptforge sample RUN_DIR --prompt TEXT       generate text from a trained run
-  gptforge eval RUN_DIR [--json] [--bias]     validation loss, bits per byte, perplexity; bias gaps
-  gptforge inspect RUN_DIR --prompt TEXT      attention maps, logit lens, token attributions
+  gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards
+  gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
+  gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
+  gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
+  gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
-  gptforge import-hf HF_DIR --out RUN_DIR     a Hugging Face GPT-2 folder (safetensors) as a gptforge run
-  gptforge export-hf RUN_DIR --out HF_DIR     a gptforge run as a folder transformers loads
+  gptforge quantize RUN_DIR --method M --out DIR          weight-only int8 / int4
+  gptforge prune RUN_DIR --pattern 2:4 --out DIR          magnitude pruning, optional recovery
+  gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
+  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2 folder (safetensors) as a run
+  gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
 
 Run `gptforge SUBCOMMAND --help` for every option.
 """
@@ -214,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "memory, guard events, samples, config and environment, plots inline.")
     report.add_report_arguments(p)
     p.set_defaults(func=report.run_report)
+
+    from gptforge.adapt import compare, prune, quantize
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a run", formatter_class=raw,
+                       description="Quantize the linear layers of a run's newest checkpoint (weight-only int8 per "
+                       "channel, or int4 per group); the output loads, samples and evaluates like any run.")
+    quantize.add_quantize_arguments(p)
+    p.set_defaults(func=quantize.run_quantize)
+    p = sub.add_parser("prune", help="magnitude pruning (unstructured or 2:4), optional recovery", formatter_class=raw,
+                       description="Prune a run's linear weights by magnitude; --recover-steps N fine-tunes with the "
+                       "zeros kept, through the same training loop.")
+    prune.add_prune_arguments(p)
+    p.set_defaults(func=prune.run_prune)
+    p = sub.add_parser("compare", help="one table of a run and its variants", formatter_class=raw,
+                       description="Size on disk, parameters, val loss and bits per byte on the same split, "
+                       "generation tokens/s and memory for each run or variant.")
+    compare.add_compare_arguments(p)
+    p.set_defaults(func=compare.run_compare)
 
     from gptforge.adapt import hf
 

@@ -447,6 +447,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.lora: expected rank >= 0, alpha > 0 and dropout in [0, 1); got rank={t.lora.rank}, "
             f"alpha={t.lora.alpha}, dropout={t.lora.dropout}"
         )
+    if t.lora.rank and t.qat:
+        raise ConfigError("train.lora.rank and train.qat both replace the linear layers; use one of them at a time")
     if t.lora.rank and not [x for x in t.lora.targets.split(",") if x.strip()]:
         raise ConfigError("train.lora.targets: name at least one linear layer, e.g. c_attn,c_proj,c_fc")
     dc = cfg.dist
