@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -37,31 +38,53 @@ def datasheet_peak(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.25) -> float:
-    """FLOP/s of a square matmul of random data on this device, after one warm-up."""
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, trials: int = 8) -> float:
+    """FLOP/s of a square matmul of random data on this device: the best of several short trials, since
+    another process sharing the cores can only slow a trial down, never speed it up."""
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global generators untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     torch.mm(a, b)
     _sync(device)
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
         torch.mm(a, b)
-        count += 1
-        if count % 4 == 0:
-            _sync(device)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return 2 * n**3 * count / elapsed
+        torch.mm(a, b)
+        _sync(device)
+        best = max(best, 4 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
-    """The peak MFU is measured against: the datasheet where known, else a measured matmul rate."""
+    """The peak MFU is measured against: the datasheet where known; elsewhere the best matmul rate this
+    machine has shown (remembered in the cache folder, so one measurement on a busy machine does not stick)."""
     peak = datasheet_peak(device, precision)
     if peak is not None:
         return peak
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return measured_matmul_flops(device, dtype)
+    measured = measured_matmul_flops(device, dtype)
+    key = f"{device_name(device)}|{device.type}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return _remember_best(key, measured)
+
+
+def _remember_best(key: str, value: float) -> float:
+    from gptforge.data.corpus import cache_root
+    from gptforge.fileio import atomic_write_text
+
+    path = cache_root() / "hardware.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    best = max(value, float(known.get(key, 0.0)))
+    if best > known.get(key, 0.0):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({**known, key: best}, indent=1))
+        except OSError:  # a read-only cache is no reason to fail a run
+            pass
+    return best
 
 
 def _sync(device: torch.device) -> None:

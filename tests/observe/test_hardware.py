@@ -1,0 +1,16 @@
+import torch
+
+from gptforge.observe import hardware
+
+
+def test_peak_is_the_best_rate_ever_seen(monkeypatch):
+    rates = iter([50e9, 170e9, 40e9])
+    monkeypatch.setattr(hardware, "measured_matmul_flops", lambda device, dtype: next(rates))
+    cpu = torch.device("cpu")
+    assert hardware.peak_flops(cpu, "fp32") == 50e9
+    assert hardware.peak_flops(cpu, "fp32") == 170e9
+    assert hardware.peak_flops(cpu, "fp32") == 170e9  # a run on a busy machine does not lower it
+
+
+def test_measured_matmul_rate_is_positive():
+    assert hardware.measured_matmul_flops(torch.device("cpu"), n=128, trials=2) > 0
