@@ -33,7 +33,7 @@ def killer(fn):
 
 if what == "before_rename":      # every checkpoint file written and fsynced, the folder not yet renamed
     import gptforge.train.checkpoint as c
-    c._fsync_dir = killer(c._fsync_dir)
+    c.fsync_dir = killer(c.fsync_dir)
 elif what == "before_prune":     # the new checkpoint is in place, older ones not yet pruned
     import gptforge.train.checkpoint as c
     c.prune = killer(c.prune)
