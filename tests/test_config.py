@@ -86,3 +86,11 @@ def test_every_key_is_documented():
     text = keys_help()
     for key in ("data.dir", "train.batch_tokens", "train.max_time", "run.deterministic", "model.block_size"):
         assert key in text
+
+
+def test_keys_of_earlier_versions_still_load():
+    """A run saved before train.skip_nonfinite became guard.enabled still loads, with its meaning kept."""
+    saved = load_config().to_dict()
+    del saved["guard"]
+    saved["train"]["skip_nonfinite"] = False
+    assert from_dict(saved).guard.enabled is False

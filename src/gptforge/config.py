@@ -227,6 +227,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES["model.preset"] = tuple(PRESETS)
 
 
+# Keys of earlier versions and where their value lives now (None: dropped). Saved runs keep loading.
+MIGRATIONS: dict[str, str | None] = {
+    "train.skip_nonfinite": "guard.enabled",
+}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -246,7 +252,7 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     """Build a validated Config from a nested dict (YAML, overrides, or a checkpoint's saved config)."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
-    tree = dict(tree)
+    tree = _migrate(tree)
     model = tree.get("model")
     if isinstance(model, dict) and model.get("preset") is not None:
         name = str(model["preset"])
@@ -256,6 +262,22 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     cfg = _build(Config, tree, prefix="")
     validate(cfg)
     return cfg
+
+
+def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `tree` with keys of earlier versions moved to their current place (see MIGRATIONS)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old, new in MIGRATIONS.items():
+        section, name = old.split(".")
+        if not isinstance(tree.get(section), dict) or name not in tree[section]:
+            continue
+        value = tree[section].pop(name)
+        if new is not None:
+            new_section, new_name = new.split(".")
+            target = tree.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_name, value)
+    return tree
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

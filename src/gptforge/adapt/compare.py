@@ -135,7 +135,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    memory = "CUDA peak MB" if rows[0]["memory_kind"] == "cuda_max_allocated" else "model MB in RAM"
+    memory = _memory_label(rows)
     table = Table(title=f"variants on {rows[0]['device']}")
     for header in ("run", "disk MB", "params M", "linear MB", "val loss", "vs first", "bits/byte", "tokens/s", memory):
         table.add_column(header, justify="left" if header == "run" else "right")
@@ -152,7 +152,7 @@ def write_png(rows: list[dict], path: str | Path) -> None:
     """Bar charts of size, loss, speed and memory; needs matplotlib (the `plot` extra)."""
     plt = _pyplot()
     panels = (("disk MB", [r["disk_bytes"] / 1e6 for r in rows]), ("val loss", [r["val_loss"] for r in rows]),
-              ("tokens/s", [r["tokens_per_s"] for r in rows]), ("memory MB", [r["memory_bytes"] / 1e6 for r in rows]))
+              ("tokens/s", [r["tokens_per_s"] for r in rows]), (_memory_label(rows), [r["memory_bytes"] / 1e6 for r in rows]))
     names = [Path(r["name"]).name or r["name"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), constrained_layout=True)
     for ax, (title, values) in zip(axes, panels):
@@ -161,6 +161,10 @@ def write_png(rows: list[dict], path: str | Path) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _memory_label(rows: list[dict]) -> str:
+    return "CUDA peak MB" if rows[0]["memory_kind"] == "cuda_max_allocated" else "model MB in RAM"
 
 
 def _pyplot():
