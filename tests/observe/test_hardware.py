@@ -3,7 +3,8 @@ import torch
 from gptforge.observe import hardware
 
 
-def test_peak_is_the_best_rate_ever_seen(monkeypatch):
+def test_peak_is_the_best_rate_ever_seen(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path))  # a machine that has measured nothing yet
     rates = iter([50e9, 170e9, 40e9])
     monkeypatch.setattr(hardware, "measured_matmul_flops", lambda device, dtype: next(rates))
     cpu = torch.device("cpu")

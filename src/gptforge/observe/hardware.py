@@ -22,9 +22,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
+        import os
         import platform
 
-        return platform.processor() or platform.machine() or "cpu"
+        model = platform.processor() or platform.machine() or "cpu"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"{model}, {os.cpu_count()} cores"
     return device.type
 
 
