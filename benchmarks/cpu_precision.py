@@ -42,7 +42,7 @@ def main() -> None:
 
     result = {
         **environment(torch.device("cpu"), "fp32 vs bf16", 1),
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": " ".join(["python", *sys.argv]),
         "cpu_native_bf16": cpu_has_native_bf16(),
         "threads": torch.get_num_threads(),
         "matmul_1024_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)},

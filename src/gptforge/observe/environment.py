@@ -25,6 +25,14 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def command_line() -> str:
+    """The command as the user typed it: `gptforge ...`, however Python was started."""
+    program = Path(sys.argv[0]).name
+    if program in ("gptforge", "__main__.py", "-m"):
+        program = "gptforge"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def environment(device: torch.device, precision: str, world_size: int) -> dict[str, Any]:
     return {
         "gptforge_version": __version__,
@@ -37,6 +45,6 @@ def environment(device: torch.device, precision: str, world_size: int) -> dict[s
         "precision": precision,
         "world_size": world_size,
         "hostname": socket.gethostname(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
