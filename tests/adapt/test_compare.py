@@ -8,16 +8,13 @@ import json
 import math
 
 import pytest
-import torch
+
+from conftest import random_weights_run
 
 from gptforge.adapt.compare import FIELDS, add_compare_arguments, compare, run_compare
 from gptforge.adapt.prune import prune_run
 from gptforge.adapt.quantize import quantize_run
-from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir
 from gptforge.errors import GptforgeError
-from gptforge.model.gpt import GPT
-from gptforge.train.checkpoint import save_weights
 
 quiet = dict(report=lambda m: None)
 
@@ -25,12 +22,8 @@ quiet = dict(report=lambda m: None)
 @pytest.fixture(scope="module")
 def variants(small_data, tmp_path_factory):
     """A weights-only run of a small random GPT and its int8, int4 and 2:4-pruned variants."""
-    vocab = load_data_dir(small_data).vocab_size
-    cfg = load_config(None, [f"data.dir={small_data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
-                             "model.n_embd=64", "model.block_size=32", "train.batch_size=4", "train.eval_tokens=512"])
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("variants")
-    save_weights(root / "base", GPT(cfg.model), cfg.to_dict(), tokenizer_file=small_data / "tokenizer.json")
+    random_weights_run(small_data, root / "base")
     return [root / "base", quantize_run(root / "base", root / "int8", "int8", **quiet),
             quantize_run(root / "base", root / "int4", "int4", group_size=32, **quiet),
             prune_run(root / "base", root / "pruned", 0.5, "2:4", **quiet)]

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from conftest import random_weights_run
+
 import gptforge
 from gptforge.adapt.lora import apply_lora, lora_state_dict
 from gptforge.adapt.quantize import (
@@ -32,13 +34,7 @@ def tiny_gpt(**kw) -> GPT:
 @pytest.fixture(scope="module")
 def run(small_data, tmp_path_factory):
     """A weights-only run of a small random GPT on the shared small corpus (enough to load, sample and eval)."""
-    vocab = load_data_dir(small_data).vocab_size
-    cfg = load_config(None, [f"data.dir={small_data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
-                             "model.n_embd=64", "model.block_size=32", "train.batch_size=4", "train.eval_tokens=512"])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "base"
-    save_weights(path, GPT(cfg.model), cfg.to_dict(), step=7, tokenizer_file=small_data / "tokenizer.json")
-    return path
+    return random_weights_run(small_data, tmp_path_factory.mktemp("run") / "base", step=7)
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step():

@@ -27,19 +27,17 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    nbytes = 0
+    byte_table = token_bytes.to(device) if token_bytes is not None else None
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes: read once, at the end
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with precision.autocast():
             losses = model(x, y, reduction="none")  # (B, T)
-        nats += losses.double().sum()
-        count += y.numel()
-        if token_bytes is not None:
-            nbytes += int(token_bytes[y.cpu()].sum())
+        totals[0] += losses.double().sum()
+        totals[1] += y.numel()
+        if byte_table is not None:
+            totals[2] += byte_table[y].sum()
     model.train(was_training)
-    totals = torch.tensor([float(nats), count, nbytes], dtype=torch.float64, device=device)
     if world is not None:
         world.all_reduce(totals)
     nats, count, nbytes = totals.tolist()

@@ -34,10 +34,10 @@ class World:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place, and returned; a no-op for one process."""
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, in place, and returned; a no-op for one process."""
         if self.distributed:
-            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+            dist.all_reduce(tensor)
         return tensor
 
     def barrier(self) -> None:
