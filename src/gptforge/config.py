@@ -35,6 +35,12 @@ class DataConfig:
     """BPE vocabulary size for the built-in corpus."""
     loader: str = "random"
     """How training batches are drawn: random windows, or a sequential sweep over the shards."""
+    aug_span_delete: float = 0.0
+    """Text augmentation for small data sets: the probability that a training sequence has one random span of
+    its input deleted (the rest shifts left); 0 disables it."""
+    aug_token_noise: float = 0.0
+    """Text augmentation for small data sets: the fraction of input tokens replaced by random tokens (targets
+    stay the real text); 0 disables it."""
     verify: bool = True
     """Check every shard's sha256 against manifest.json before training."""
     prefetch: int = 2
@@ -45,6 +51,9 @@ class DataConfig:
 class ModelConfig(GPTConfig):
     preset: str | None = None
     """Named shape applied before any explicit model key: tiny, small, gpt2-124m, gpt2-350m."""
+    depth: int | None = None
+    """The depth dial: N layers sets width, heads, learning rates and a compute-optimal token budget at once;
+    any explicit key still wins."""
 
 
 @dataclass
@@ -61,8 +70,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
-    """Sequences per device per micro-step."""
+    batch_size: int | str = 16
+    """Sequences per device per micro-step, or auto: the largest that fits in memory (found with
+    out-of-memory recovery, less a safety margin); train.batch_tokens is kept through gradient accumulation."""
     batch_tokens: int | None = None
     """Tokens per optimizer step across all devices; gradient accumulation is derived from it. Empty: one micro-step."""
     max_steps: int | None = None
@@ -81,6 +91,20 @@ class TrainConfig:
     """Learning-rate schedule after warmup: cosine, wsd (warmup-stable-decay) or constant."""
     cooldown_frac: float = 0.2
     """wsd only: fraction of the run spent decaying at the end."""
+    cooldown: str = "linear"
+    """wsd only: shape of the decay at the end, linear or cosine."""
+    batch_warmup_steps: int = 0
+    """Batch-size warmup: over this many first steps the micro-steps per optimizer step grow linearly from 1
+    to the full accumulation (0: full batch from the start)."""
+    optimizer: str = "adamw"
+    """adamw, or muon: Newton-Schulz-orthogonalized momentum for the 2-D hidden matrices, AdamW (train.lr) for
+    embeddings, head, norms and scalars."""
+    muon_lr: float = 0.02
+    """muon only: learning rate of the hidden matrices (the schedule scales it like train.lr)."""
+    muon_momentum: float = 0.95
+    """muon only: Nesterov momentum of the hidden matrices."""
+    muon_ns_steps: int = 5
+    """muon only: Newton-Schulz iterations per update."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -95,6 +119,22 @@ class TrainConfig:
     """auto (what the device does well), fp32, tf32, bf16 (autocast) or fp16 (autocast with a gradient scaler)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs."""
+    sync_free: bool = False
+    """Read the loss and gradient norm back to the host only on log steps (no per-step sync, CUDA-graph
+    friendly); non-finite updates are still skipped, on the device; the spike rule looks at log steps only."""
+    fused_kernels: bool = False
+    """Fused RMSNorm and RoPE kernels: Triton where it runs, the PyTorch reference elsewhere."""
+    fused_ce: bool = False
+    """Linear + cross-entropy in chunks of train.ce_chunk_tokens, so the full logits tensor never exists."""
+    ce_chunk_tokens: int = 8192
+    """fused_ce only: tokens per chunk."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward pass to save memory: none, selective (attention and MLP
+    inner activations of every other block) or full (every block)."""
+    fp8: bool = False
+    """fp8 linear layers through torchao (Hopper GPUs and newer; needs the torchao extra)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), or a torch device string such as cpu or cuda:1."""
     eval_every: int = 100
@@ -109,6 +149,16 @@ class TrainConfig:
     """Write a metrics line every this many steps."""
     samples: int = 2
     """Samples printed at the end of training."""
+    early_stop_patience: int = 0
+    """Stop when validation loss has not improved by train.early_stop_min_delta for this many evaluations
+    (0: never stop early)."""
+    early_stop_min_delta: float = 0.0
+    """The improvement in validation loss that counts as one."""
+    keep_best: bool = True
+    """Keep the checkpoint of the best validation loss apart, in RUN_DIR/best."""
+    neftune_alpha: float = 0.0
+    """NEFTune: uniform noise of scale alpha / sqrt(tokens x width) on the input embeddings during training
+    (for fine-tuning; 0 disables it)."""
     init_from: str | None = None
     """Start from the weights of this run directory or checkpoint (fine-tuning); the model section is taken from it."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -131,6 +181,8 @@ class RunConfig:
     """Deterministic algorithms only: with the same seed on the same CPU, bit-identical runs and resumes."""
     tensorboard: bool = True
     """Write TensorBoard events when the tensorboard package is installed."""
+    price_per_hour: float | None = None
+    """Price of the machine per hour; with nvidia-ml-py on a GPU, energy and cost are reported at the end."""
 
 
 @dataclass
@@ -164,6 +216,11 @@ class GuardConfig:
     is too short and too steady, and healthy warmup steps would look like spikes."""
     max_consecutive_skips: int = 5
     """After this many skipped steps in a row, go back to the last checkpoint's weights and move on past that data."""
+    fit_watch: bool = True
+    """Watch the evaluations for overfitting (val loss rising while train loss falls) and underfitting (both
+    flat and high); flags go to metrics.jsonl as events and to the console."""
+    fit_patience: int = 3
+    """Evaluations in a row a trend must last before the fit watch flags it."""
 
 
 @dataclass
@@ -190,7 +247,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
-        """Micro-steps per optimizer step, derived from batch_tokens (validated to divide exactly)."""
+        """Micro-steps per optimizer step, derived from batch_tokens (validated to divide exactly).
+        train.batch_size=auto must have been resolved to a number first (train.batch_finder)."""
         per_micro = self.train.batch_size * self.model.block_size * world_size
         if self.train.batch_tokens is None:
             return 1
@@ -208,6 +266,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.pos": ("learned", "rope"),
     "train.schedule": ("cosine", "wsd", "constant"),
+    "train.cooldown": ("linear", "cosine"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.activation_checkpointing": ("none", "selective", "full"),
     "train.precision": ("auto", "fp32", "tf32", "bf16", "fp16"),
     "train.qat": ("int8", "int4"),
     "dist.strategy": ("ddp", "fsdp2", "hsdp"),
@@ -259,9 +321,43 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
         if name not in PRESETS:
             raise ConfigError(_choice_message("model.preset", name, tuple(PRESETS)))
         tree["model"] = {**PRESETS[name], **model}
+    if isinstance(model, dict) and model.get("depth") is not None:
+        tree = _apply_depth(tree)
     cfg = _build(Config, tree, prefix="")
     validate(cfg)
     return cfg
+
+
+def depth_settings(depth: int, vocab_size: int = 8192) -> dict[str, dict[str, Any]]:
+    """What `model.depth=N` sets (nanochat's single dial): N layers of width 64 N with heads of 64 (so
+    depth 6 is the `small` shape and depth 12 GPT-2 small's), AdamW rates scaled by 1/sqrt(width) from 3e-3
+    at width 384, and a compute-optimal budget of 20 training tokens per parameter (Chinchilla)."""
+    from gptforge.model.flops import num_params
+
+    n_embd = 64 * depth
+    model = dict(n_layer=depth, n_head=depth, n_embd=n_embd)
+    params = num_params(GPTConfig(vocab_size=vocab_size, **model))["total"]
+    train = dict(lr=round(3e-3 * (384 / n_embd) ** 0.5, 6), max_tokens=20 * params, max_time=None)
+    return {"model": model, "train": train}
+
+
+def _apply_depth(tree: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys model.depth decides, under every key the user gave explicitly (preset included)."""
+    depth = _coerce("model.depth", tree["model"]["depth"], int)
+    if depth < 1:
+        raise ConfigError(f"model.depth: expected a positive number of layers, got {depth}")
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    vocab = _coerce("data.vocab_size", data.get("vocab_size", DataConfig.vocab_size), int)
+    settings = depth_settings(depth, vocab)
+    tree = dict(tree)
+    for section, values in settings.items():
+        given = tree.get(section) or {}
+        if not isinstance(given, dict):
+            continue  # _build reports the bad section
+        budget_given = section == "train" and any(k in given for k in ("max_steps", "max_tokens", "max_time"))
+        fill = {k: v for k, v in values.items() if not (budget_given and k in ("max_tokens", "max_time"))}
+        tree[section] = {**fill, **given}
+    return tree
 
 
 def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +441,9 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         optional = len(args) < len(typing.get_args(kind))
+        if args == [int, str]:  # a number or a word (train.batch_size=auto); validate() checks the word
+            if isinstance(raw, str) and not raw.strip().replace("_", "").lstrip("-").isdigit():
+                return raw.strip()
         kind = args[0]
     if raw is None:
         if optional:
@@ -434,9 +533,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if d.prefetch < 0:
         raise ConfigError(f"data.prefetch: expected >= 0, got {d.prefetch}")
 
-    _positive("train.batch_size", t.batch_size)
-    per_micro = t.batch_size * m.block_size * world_size
-    if t.batch_tokens is not None:
+    if isinstance(t.batch_size, str):
+        if t.batch_size != "auto":
+            raise ConfigError(f"train.batch_size: expected a positive integer or auto, got {t.batch_size!r}")
+        if t.batch_tokens is not None:
+            _positive("train.batch_tokens", t.batch_tokens)
+    else:
+        _positive("train.batch_size", t.batch_size)
+    per_micro = t.batch_size * m.block_size * world_size if isinstance(t.batch_size, int) else None
+    if per_micro is not None and t.batch_tokens is not None:
         _positive("train.batch_tokens", t.batch_tokens)
         if t.batch_tokens % per_micro:
             lower = max(per_micro, t.batch_tokens // per_micro * per_micro)
@@ -459,11 +564,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             raise ConfigError(f"train.{key}: expected a value in [0, 1), got {getattr(t, key)}")
-    for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "samples", "sample_tokens"):
+    for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "samples", "sample_tokens",
+                "batch_warmup_steps", "early_stop_patience", "early_stop_min_delta", "neftune_alpha"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: expected >= 0, got {getattr(t, key)}")
-    for key in ("log_every", "eval_tokens", "keep_checkpoints"):
+    for key in ("log_every", "eval_tokens", "keep_checkpoints", "muon_lr", "muon_ns_steps", "ce_chunk_tokens"):
         _positive(f"train.{key}", getattr(t, key))
+    if not 0.0 <= t.muon_momentum < 1.0:
+        raise ConfigError(f"train.muon_momentum: expected a value in [0, 1), got {t.muon_momentum}")
+    for key in ("aug_span_delete", "aug_token_noise"):
+        if not 0.0 <= getattr(d, key) < 1.0:
+            raise ConfigError(f"data.{key}: expected a probability in [0, 1), got {getattr(d, key)}")
+    if m.depth is not None and m.depth < 1:
+        raise ConfigError(f"model.depth: expected a positive number of layers, got {m.depth}")
+    if cfg.run.price_per_hour is not None and cfg.run.price_per_hour < 0:
+        raise ConfigError(f"run.price_per_hour: expected >= 0, got {cfg.run.price_per_hour}")
     if t.lora.rank < 0 or t.lora.alpha <= 0 or not 0.0 <= t.lora.dropout < 1.0:
         raise ConfigError(
             f"train.lora: expected rank >= 0, alpha > 0 and dropout in [0, 1); got rank={t.lora.rank}, "
@@ -490,6 +605,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("window", "max_consecutive_skips"):
         _positive(f"guard.{key}", getattr(g, key))
     _positive("guard.spike_sigmas", g.spike_sigmas)
+    _positive("guard.fit_patience", g.fit_patience)
     if not 2 <= g.min_history <= g.window:
         raise ConfigError(f"guard.min_history: expected 2..guard.window ({g.window}), got {g.min_history}")
     for key in ("inject_nan_at_step", "inject_spike_at_step"):

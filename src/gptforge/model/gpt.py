@@ -44,6 +44,9 @@ class GPTConfig:
     """Bias terms in linear layers and LayerNorm."""
     logit_softcap: float = 0.0
     """Soft-cap the output logits with cap*tanh(logits/cap); 0 disables it."""
+    zero_init_proj: bool = False
+    """Initialize the residual output projections (attention and MLP c_proj) to zero, so every block starts
+    as the identity."""
     vocab_multiple: int = 128
     """Pad the embedding and head to a multiple of this many rows (tensor-core friendly)."""
 
@@ -271,10 +274,13 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, and residual output projections scaled by 1/sqrt(2 * n_layer)
-        so the residual stream's variance does not grow with depth (two residual additions per layer)."""
+        so the residual stream's variance does not grow with depth (two residual additions per layer);
+        with zero_init_proj those projections start at zero (modded-nanogpt)."""
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "is_residual_proj", False):
+                if self.config.zero_init_proj:
+                    std = 0.0
                 std /= math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
