@@ -15,11 +15,15 @@ Train, adapt, compress, check and serve GPT models.
 
   gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards
   gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
+  gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested train.lr
+  gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
+  gptforge bench --ablate [key=value]          climb the speed ladder one switch at a time
+  gptforge doctor [--quick] [--json FILE]      what this machine can do, measured; recommended settings
   gptforge quantize RUN_DIR --method M --out DIR          weight-only int8 / int4
   gptforge prune RUN_DIR --pattern 2:4 --out DIR          magnitude pruning, optional recovery
   gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
@@ -115,8 +119,16 @@ def _bench(args: argparse.Namespace) -> int:
     from gptforge.bench.step import bench, print_record, write_json
     from gptforge.config import load_config
 
+    if args.steps is None:  # the ladder runs many rungs: shorter defaults
+        args.steps = 5 if args.ablate else 10
+    if args.warmup is None:
+        args.warmup = 2 if args.ablate else 3
     if args.steps < 1 or args.warmup < 0:
         raise GptforgeError("--steps must be >= 1 and --warmup >= 0")
+    if args.ablate:
+        return _ablate(args)
+    if args.skip or args.png:
+        raise GptforgeError("--skip and --png belong to --ablate")
     if args.nproc:
         from gptforge.bench.scaling import print_scaling, scaling
 
@@ -133,6 +145,23 @@ def _bench(args: argparse.Namespace) -> int:
         print_record(record)
         if args.json:
             write_json(record, args.json)
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from gptforge.bench.ablate import ablate, print_ablation, write_chart
+    from gptforge.bench.step import write_json
+
+    if args.nproc:
+        raise GptforgeError("--ablate runs one process; leave out --nproc")
+    skip = tuple(s for s in (args.skip or "").split(",") if s)
+    report = ablate(args.overrides, args.steps, args.warmup, skip=skip, config=args.config)
+    print_ablation(report)
+    json_path = args.json or "ablate.json"
+    write_json(report, json_path)
+    png = args.png or str(os.path.splitext(json_path)[0]) + ".png"
+    problem = write_chart(report, png)
+    print(f"wrote {json_path}" + (f" and {png}" if problem is None else f"; {problem}"))
     return 0
 
 
@@ -156,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layer=4 train.max_steps=200")
     p.set_defaults(func=_train)
+
+    from gptforge import tune
+    from gptforge.train import lr_find
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: a suggested train.lr", formatter_class=raw,
+                       epilog="Takes the same config keys as train (see gptforge train --help).",
+                       description="Train a fresh model for --steps steps while the learning rate grows "
+                       "exponentially from --min-lr to --max-lr; stop once the smoothed loss diverges (4x its "
+                       "best). Suggests train.lr: the rate of steepest descent and a conservative one (a tenth "
+                       "of the rate at the lowest loss). Writes lr_find.json and, with matplotlib, lr_find.png.")
+    lr_find.add_lr_find_arguments(p)
+    p.set_defaults(func=lr_find.run_lr_find)
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, with pruning)", formatter_class=raw,
+                       description=tune.TUNE_HELP, epilog="Takes the same config keys as train (see gptforge train --help).")
+    tune.add_tune_arguments(p)
+    p.set_defaults(func=tune.run_tune)
 
     p = sub.add_parser("sample", help="generate text from a trained run", formatter_class=raw,
                        description="Generate text with a KV cache from a run directory or checkpoint folder.")
@@ -204,11 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "scaling efficiency and the time spent communicating.")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default: 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 10; 5 with --ablate)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3; 2 with --ablate)")
     p.add_argument("--nproc", type=int, default=0, help="compare 1 process with N processes (torchrun, same host)")
     p.add_argument("--json", metavar="FILE", help="write the record (device, versions, git sha, per-step times) as JSON")
+    p.add_argument("--ablate", action="store_true", help="climb the ladder fp32 -> tf32 -> bf16 -> flash attention -> "
+                   "fused AdamW -> compile -> fused kernels -> fp8, keeping each switch only if it is faster; writes "
+                   "--json (default: ablate.json) and a PNG chart beside it")
+    p.add_argument("--skip", metavar="RUNG,...", help="--ablate: rungs not to run, e.g. compile (reported as skipped)")
+    p.add_argument("--png", metavar="FILE", help="--ablate: the chart (default: the --json path with .png)")
     p.set_defaults(func=_bench)
+
+    from gptforge.observe import doctor
+
+    p = sub.add_parser("doctor", help="what this machine can do, measured; recommended settings", formatter_class=raw,
+                       description="Devices, bf16 / fp8 / compile / Triton / NCCL support, measured matmul and copy "
+                       "rates, then the config settings that suit this machine, each with its reason.")
+    doctor.add_doctor_arguments(p)
+    p.set_defaults(func=doctor.run_doctor)
 
     from gptforge.observe import report
 

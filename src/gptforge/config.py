@@ -85,18 +85,18 @@ class TrainConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
-    warmup_steps: int = 50
+    warmup_steps: int = 10
     """Linear warmup steps."""
-    schedule: str = "cosine"
+    schedule: str = "wsd"
     """Learning-rate schedule after warmup: cosine, wsd (warmup-stable-decay) or constant."""
-    cooldown_frac: float = 0.2
+    cooldown_frac: float = 0.4
     """wsd only: fraction of the run spent decaying at the end."""
     cooldown: str = "linear"
     """wsd only: shape of the decay at the end, linear or cosine."""
     batch_warmup_steps: int = 0
     """Batch-size warmup: over this many first steps the micro-steps per optimizer step grow linearly from 1
     to the full accumulation (0: full batch from the start)."""
-    optimizer: str = "adamw"
+    optimizer: str = "muon"
     """adamw, or muon: Newton-Schulz-orthogonalized momentum for the 2-D hidden matrices, AdamW (train.lr) for
     embeddings, head, norms and scalars."""
     muon_lr: float = 0.02
@@ -117,6 +117,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0: no clipping)."""
     precision: str = "auto"
     """auto (what the device does well), fp32, tf32, bf16 (autocast) or fp16 (autocast with a gradient scaler)."""
+    fused_optimizer: bool = True
+    """AdamW through torch's fused kernel where the device has one (CUDA, CPU): one pass over all parameters
+    instead of a loop over them."""
     compile: bool = False
     """Compile the model with torch.compile."""
     compile_mode: str = "default"
@@ -131,10 +134,11 @@ class TrainConfig:
     ce_chunk_tokens: int = 8192
     """fused_ce only: tokens per chunk."""
     activation_checkpointing: str = "none"
-    """Recompute activations in the backward pass to save memory: none, selective (attention and MLP
-    inner activations of every other block) or full (every block)."""
+    """Recompute activations in the backward pass to save memory: none, selective (every other transformer
+    block: about half the saving for half the recompute) or full (every block)."""
     fp8: bool = False
-    """fp8 linear layers through torchao (Hopper GPUs and newer; needs the torchao extra)."""
+    """fp8 linear layers through torchao (Ada / Hopper GPUs and newer, sm_89+; needs the fp8 extra); the
+    output head and layers with a dimension not a multiple of 16 stay as they are."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), or a torch device string such as cpu or cuda:1."""
     eval_every: int = 100
@@ -279,7 +283,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Presets set the shape and architecture; any explicit model key still wins.
-_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, block_size=1024)
+_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, block_size=1024,
+             qk_norm=False, zero_init_proj=False)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
@@ -538,6 +543,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"train.batch_size: expected a positive integer or auto, got {t.batch_size!r}")
         if t.batch_tokens is not None:
             _positive("train.batch_tokens", t.batch_tokens)
+            if t.batch_tokens % (m.block_size * world_size):
+                raise ConfigError(
+                    f"train.batch_tokens={t.batch_tokens} is not a multiple of model.block_size x processes = "
+                    f"{m.block_size} x {world_size}, which train.batch_size=auto needs"
+                )
     else:
         _positive("train.batch_size", t.batch_size)
     per_micro = t.batch_size * m.block_size * world_size if isinstance(t.batch_size, int) else None
@@ -550,6 +560,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 f"= {t.batch_size} x {m.block_size} x {world_size} = {per_micro}; "
                 f"try train.batch_tokens={lower} or {lower + per_micro}"
             )
+    if t.batch_warmup_steps > 0 and (t.batch_tokens is None or (per_micro and t.batch_tokens // per_micro < 2)):
+        raise ConfigError(
+            f"train.batch_warmup_steps={t.batch_warmup_steps} grows the micro-steps per optimizer step up to the "
+            f"gradient accumulation, but train.batch_tokens={t.batch_tokens} gives a single micro-step of "
+            f"{per_micro or 'batch_size x block_size x processes'} tokens; set train.batch_tokens to at least twice "
+            "that, or train.batch_warmup_steps=0"
+        )
     for key in ("max_steps", "max_tokens", "max_time"):
         value = getattr(t, key)
         if value is not None and value <= 0:
@@ -586,6 +603,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.lora.rank and t.qat:
         raise ConfigError("train.lora.rank and train.qat both replace the linear layers; use one of them at a time")
+    if t.fp8 and (t.lora.rank or t.qat):
+        raise ConfigError("train.fp8 replaces the linear layers, as train.lora.rank and train.qat do; use one at a time")
+    if t.fused_ce and t.qat == "int8" and not m.tie_embeddings:
+        raise ConfigError("train.fused_ce computes the output head from its plain weight, but train.qat=int8 with "
+                          "model.tie_embeddings=false fake-quantizes that head; set train.fused_ce=false")
     if t.lora.rank and not [x for x in t.lora.targets.split(",") if x.strip()]:
         raise ConfigError("train.lora.targets: name at least one linear layer, e.g. c_attn,c_proj,c_fc")
     dc = cfg.dist

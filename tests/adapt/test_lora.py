@@ -12,7 +12,8 @@ from gptforge.config import LoraConfig
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model.gpt import GPT, GPTConfig
 
-CFG = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
+# Random output projections (not zero-initialized): every adapter gets a gradient from the first step.
+CFG = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, zero_init_proj=False)
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 

@@ -116,7 +116,8 @@ def _config_from_hf(hf_dir: Path, out: Path) -> Config:
     n_inner = hf["n_inner"] or 4 * n_embd
     model = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                  n_head=hf["n_head"], n_embd=n_embd, mlp_ratio=n_inner / n_embd, pos="learned",
-                 norm="layernorm", mlp="gelu", bias=True, tie_embeddings=bool(hf["tie_word_embeddings"]))
+                 norm="layernorm", mlp="gelu", bias=True, tie_embeddings=bool(hf["tie_word_embeddings"]),
+                 qk_norm=False, zero_init_proj=False)
     cfg = from_dict({"model": model, "run": {"dir": str(out)}}, source=str(where))
     if cfg.model.mlp_hidden != n_inner:
         raise GptforgeError(f"{where}: n_inner={n_inner} is not expressible as model.mlp_ratio x n_embd={n_embd}")

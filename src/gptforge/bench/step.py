@@ -19,12 +19,16 @@ from gptforge.config import Config, validate
 from gptforge.data.loader import Layout, TokenLoader
 from gptforge.model.flops import flops_per_token, num_params
 from gptforge.model.gpt import GPT
+from gptforge.observe import console
+from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import peak_flops
+from gptforge.parallel.apply import apply_train_switches, check_fp8
 from gptforge.parallel.distribute import distribute
 from gptforge.parallel.world import World, close_world, init_world
 from gptforge.train import rng
-from gptforge.train.loop import Stepper, peak_memory_gb, resolve_data, training_device
+from gptforge.train.batch_finder import resolve_batch_size
+from gptforge.train.loop import Stepper, apply_train_kernels, peak_memory_gb, resolve_data, training_device
 from gptforge.train.optim import build_optimizer
 from gptforge.train.precision import resolve_precision
 
@@ -45,13 +49,20 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
 
 def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]:
     validate(cfg, world.world_size)
+    if cfg.train.fp8:  # before any data work
+        check_fp8(training_device(cfg, world))
     data = resolve_data(cfg)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
     device = training_device(cfg, world)
     precision = resolve_precision(cfg.train.precision, device)
     rng.seed_everything(cfg.run.seed)
-    raw_model = GPT(cfg.model).to(device)
-    model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile)
+    raw_model = GPT(cfg.model)
+    apply_train_kernels(raw_model, cfg)
+    raw_model.to(device)
+    apply_train_switches(raw_model, cfg.train, device)  # fp8, activation checkpointing: before distribute
+    cfg = resolve_batch_size(cfg, raw_model, precision, device, world, report=console.printer(world.is_main))
+    model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile,
+                             compile_mode=cfg.train.compile_mode)
     optimizer = build_optimizer(raw_model, cfg.train, device.type)
     stepper = Stepper(model, raw_model, optimizer, precision.grad_scaler(), precision, world, cfg, [])
     accum = cfg.grad_accum_steps(world.world_size)
@@ -61,13 +72,17 @@ def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]
         torch.cuda.reset_peak_memory_stats(device)
 
     step_s, data_s = [], []
+    meter = None
     model.train()
     for i in range(warmup + steps):
+        if i == warmup:  # energy of the timed steps only
+            _sync(device)
+            meter = energy_meter(device)
         world.barrier()  # every process starts the step together: the slowest one sets the pace
         t0 = time.perf_counter()
         batches = loader.next_step()
         t1 = time.perf_counter()
-        stepper.step(batches, cfg.train.lr, i + 1)
+        stepper.step(batches, 1.0, i + 1)  # lr_scale 1: every group at its peak (base_lr)
         _sync(device)
         t2 = time.perf_counter()
         if i >= warmup:
@@ -76,6 +91,7 @@ def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]
     loader.close()
 
     tokens = cfg.tokens_per_step(world.world_size)
+    energy = finish_meter(meter, tokens * steps, cfg.run.price_per_hour, world)  # None without NVML or a GPU
     median = statistics.median(step_s)
     tps = tokens / median
     peak = peak_flops(device, precision.name)
@@ -94,6 +110,7 @@ def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]
         "median_data_wait_s": statistics.median(data_s),
         "step_times_s": step_s,
         "comm_bytes_per_step": comm.bytes_per_step if comm else 0,
+        "energy": energy,
     }
 
 
@@ -104,6 +121,10 @@ def print_record(record: dict[str, Any]) -> None:
         f"step {1000 * record['median_step_s']:.1f} ms (data wait {1000 * record['median_data_wait_s']:.1f} ms), "
         f"MFU {100 * record['mfu']:.1f}%, peak memory {record['peak_mem_gb']:.2f} GB"
     )
+    energy = record.get("energy")
+    if energy:
+        cost = f", {energy['cost']:.4g} at the price given" if "cost" in energy else ""
+        print(f"energy: {energy['joules_per_token']:.4g} J/token, {energy['mean_power_w']} W mean{cost}")
 
 
 def write_json(record: Any, path: str | Path) -> None:

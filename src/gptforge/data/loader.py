@@ -5,7 +5,8 @@ The unit is the optimizer step, not the process: each step draws one *global* ba
 the windows [(m * world_size + r) * batch_size, ... + batch_size). The loader's state (a random generator's
 state, or a cursor in the token stream) therefore does not depend on the number of processes: a run saved by
 N processes resumes on M with the same token stream, nothing repeated or skipped, as long as the global
-batch is the same.
+batch is the same. A step may ask for fewer micro-steps than `accum` (batch-size warmup): it then draws only
+those windows, so no data is skipped, and is built inline, since the background thread builds full steps.
 
     random      windows start anywhere (uniform over every valid start in every shard)
     sequential  consecutive windows sweep the concatenated shards; an epoch ends when a step no longer fits
@@ -136,9 +137,9 @@ class TokenLoader:
 
     # -- building batches ------------------------------------------------------------------------------
 
-    def _global_starts(self) -> np.ndarray:
-        """Start positions (in the concatenated stream) of this step's global windows; advances the position."""
-        n, T = self.layout.global_windows, self.layout.block_size
+    def _global_starts(self, accum: int) -> np.ndarray:
+        """Start positions (in the concatenated stream) of a step's global windows; advances the position."""
+        n, T = accum * self.layout.world_size * self.layout.batch_size, self.layout.block_size
         if self.mode == "random":
             picks = self._rng.integers(0, self._valid_starts[-1], size=n)
             shard = np.searchsorted(self._valid_starts, picks, side="right") - 1
@@ -149,11 +150,11 @@ class TokenLoader:
         self._cursor += n * T
         return starts
 
-    def _build_step(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    def _build_step(self, accum: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
         L = self.layout
-        starts = self._global_starts()
+        starts = self._global_starts(accum)
         batches = []
-        for m in range(L.accum):
+        for m in range(accum):
             first = (m * L.world_size + L.rank) * L.batch_size
             rows = np.stack([self.stream.read(int(s), L.block_size + 1) for s in starts[first : first + L.batch_size]])
             data = torch.from_numpy(rows)
@@ -165,7 +166,7 @@ class TokenLoader:
     def _worker(self) -> None:
         try:
             while not self._stop.is_set():
-                item = self._build_step()
+                item = self._build_step(self.layout.accum)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -175,9 +176,17 @@ class TokenLoader:
         except BaseException as e:  # hand the error to the consumer instead of dying silently
             self._queue.put(e)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.prefetch == 0:
-            batches, self._state = self._build_step()
+    def next_step(self, micro_steps: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next step's micro-batches: layout.accum of them, or `micro_steps` (1..accum) for a smaller step,
+        which is built inline; the background thread starts with the first full step and must not have
+        started before any smaller one (batch-size warmup only shrinks the first steps)."""
+        accum = self.layout.accum if micro_steps is None else micro_steps
+        if not 1 <= accum <= self.layout.accum:
+            raise ValueError(f"micro_steps={micro_steps}: expected 1..{self.layout.accum}")
+        if self.prefetch == 0 or accum < self.layout.accum:
+            if self._thread is not None:
+                raise ValueError("a step of fewer micro-batches after full steps were built ahead")
+            batches, self._state = self._build_step(accum)
         else:
             if self._thread is None:
                 self._queue = queue.Queue(maxsize=self.prefetch)

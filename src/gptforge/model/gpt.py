@@ -24,7 +24,7 @@ class GPTConfig:
     """Attention heads per block; must divide n_embd."""
     n_embd: int = 256
     """Width of the residual stream."""
-    mlp: str = "gelu"
+    mlp: str = "relu2"
     """MLP activation: gelu, relu2 (squared ReLU) or swiglu."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of n_embd (swiglu uses 2/3 of it, rounded up to a multiple of 64)."""
@@ -34,7 +34,7 @@ class GPTConfig:
     """Position encoding: learned (GPT-2 style absolute embeddings) or rope (rotary)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
-    qk_norm: bool = False
+    qk_norm: bool = True
     """Normalize queries and keys (RMS) per head before attention."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output head."""
@@ -44,7 +44,7 @@ class GPTConfig:
     """Bias terms in linear layers and LayerNorm."""
     logit_softcap: float = 0.0
     """Soft-cap the output logits with cap*tanh(logits/cap); 0 disables it."""
-    zero_init_proj: bool = False
+    zero_init_proj: bool = True
     """Initialize the residual output projections (attention and MLP c_proj) to zero, so every block starts
     as the identity."""
     vocab_multiple: int = 128
@@ -174,6 +174,7 @@ class CausalSelfAttention(nn.Module):
         # and stop a head from ever attending sharply.
         self.q_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.rotary = apply_rotary  # (x, cos, sin) -> x rotated; gptforge.kernels may swap in a fused kernel
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
@@ -185,7 +186,7 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = self.rotary(q, *rope), self.rotary(k, *rope)
 
         past = 0 if cache is None else cache.pos
         if cache is not None:
@@ -271,6 +272,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
+        # (model, hidden, targets, reduction) -> loss, set from outside (gptforge.kernels) to replace loss().
+        self.head_loss = None
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, and residual output projections scaled by 1/sqrt(2 * n_layer)
@@ -343,8 +346,10 @@ class GPT(nn.Module):
         """Final hidden states (B, T, C) and targets (B, T) -> cross entropy, computed in float32.
 
         The one place that turns hidden states into a loss, so a fused chunked linear + cross-entropy can
-        replace it without touching forward.
+        replace it without touching forward: when head_loss is set, it computes the loss instead.
         """
+        if self.head_loss is not None:
+            return self.head_loss(self, hidden, targets, reduction)
         logits = self.lm_head(hidden).flatten(0, 1)  # (B*T, padded_vocab)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[:, :self.config.vocab_size]  # (B*T, vocab_size), a strided view, no copy

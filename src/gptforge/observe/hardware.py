@@ -72,7 +72,9 @@ def peak_flops(device: torch.device, precision: str) -> float:
     if peak is not None:
         return peak
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    measured = measured_matmul_flops(device, dtype)
+    # Emulated half precision on a CPU runs at a fraction of a GFLOP/s: a smaller matrix measures it in a second.
+    small = device.type == "cpu" and dtype != torch.float32
+    measured = measured_matmul_flops(device, dtype, n=256 if small else 1024, trials=3 if small else 8)
     key = f"{device_name(device)}|{device.type}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     return _remember_best(key, measured)
 

@@ -1,13 +1,142 @@
-"""Techniques applied to a built model from outside it (the model file knows nothing of them)."""
+"""Techniques applied to a built model from outside it (the model file knows nothing of them).
+
+    compile                  torch.compile, with train.compile_mode.
+    activation checkpointing recompute transformer blocks in the backward pass instead of keeping their
+                             activations (train.activation_checkpointing).
+    fp8                      torchao's float8 training linear layers (train.fp8), on Hopper / Ada GPUs.
+
+Order, as torchtitan does it: fp8 -> activation checkpointing -> (distribute: DDP / fully_shard) -> compile.
+None of them renames a parameter: checkpoints load into a model with or without them.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gptforge.errors import ConfigError
+
+FP8_INSTALL = "pip install 'gptforge[fp8]'"
 
 
 def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> nn.Module:
-    """torch.compile the model; the raw module is kept by the caller for saving (no `_orig_mod.` keys)."""
+    """torch.compile the model; the raw module is kept by the caller for saving (no `_orig_mod.` keys).
+    mode is train.compile_mode ("default" and None are torch's default)."""
     if not enabled:
         return model
-    return torch.compile(model, mode=mode)
+    return torch.compile(model, mode=None if mode in (None, "default") else mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+class _Checkpointed:
+    """Mixin placed in front of a block's own class: forward runs under non-reentrant torch.utils.checkpoint,
+    so only the block's input is kept and everything inside is recomputed during backward."""
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """`Checkpointed<cls>`, a subclass of cls with _Checkpointed's forward (one class per block class)."""
+    if cls not in _CHECKPOINTED_CLASSES:
+        _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
+    return _CHECKPOINTED_CLASSES[cls]
+
+
+def checkpointed_blocks(n_blocks: int, mode: str) -> list[int]:
+    """Indices of the blocks that `mode` recomputes.
+
+    full: every block (activation memory of one block's inside plus each block's input; about one extra
+    forward pass of compute). selective: every other block, starting at the first (0, 2, 4, ...): about
+    half the activation memory saved for about half the recompute, the usual middle ground (torchtitan's
+    "selective layer" checkpointing with frequency 2). none: no block.
+    """
+    if mode == "none":
+        return []
+    if mode == "full":
+        return list(range(n_blocks))
+    if mode == "selective":
+        return list(range(0, n_blocks, 2))
+    raise ConfigError(f"train.activation_checkpointing: {mode!r} is not one of: none, selective, full")
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Recompute the chosen blocks of `model.transformer.h` in the backward pass (see checkpointed_blocks).
+
+    Each chosen block's class is swapped for a subclass whose forward is checkpointed, as fully_shard itself
+    does: the module tree, parameter names and state_dict keys are unchanged, so checkpoints load either
+    way, and DDP / fully_shard / torch.compile wrap the block as before. Apply before distribute(). Idempotent.
+    Returns the model (changed in place).
+    """
+    blocks = model.transformer.h
+    for i in checkpointed_blocks(len(blocks), mode):
+        block = blocks[i]
+        if not isinstance(block, _Checkpointed):
+            block.__class__ = _checkpointed_class(type(block))
+    return model
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    return isinstance(module, _Checkpointed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp8
+
+
+def check_fp8(device: torch.device) -> None:
+    """Raise a ConfigError unless train.fp8 can run here: torchao installed, a CUDA device of compute
+    capability 8.9 or newer (Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores)."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
+    if device.type != "cuda":
+        raise ConfigError(f"train.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"train.fp8=true: this GPU is sm_{major}{minor}; fp8 needs Hopper/Ada (sm_89+). "
+            "Use train.precision=bf16 instead"
+        )
+
+
+def fp8_eligible(module: nn.Module, fqn: str) -> bool:
+    """Which linear layers become fp8: not the output head (its logits need the precision, and with tied
+    embeddings it is the embedding matrix), and only those whose both dimensions are multiples of 16 (the
+    fp8 matmul kernels' requirement)."""
+    if fqn == "lm_head" or fqn.endswith(".lm_head"):
+        return False
+    if isinstance(module, nn.Linear):
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return True
+
+
+def apply_fp8(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """Swap the eligible nn.Linear layers for torchao's Float8Linear (dynamic tensor-wise scaling).
+    Checks the device first when given (check_fp8). Returns the model (changed in place)."""
+    if device is not None:
+        check_fp8(device)
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
+    return convert_to_float8_training(model, module_filter_fn=fp8_eligible)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_train_switches(model: nn.Module, train, device: torch.device) -> nn.Module:
+    """train.fp8, then train.activation_checkpointing (a TrainConfig's), on the built model on its device;
+    call before distribute(), which compiles."""
+    if train.fp8:
+        apply_fp8(model, device)
+    return apply_activation_checkpointing(model, train.activation_checkpointing)

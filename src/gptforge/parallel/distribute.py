@@ -54,20 +54,22 @@ class CommStats:
 
 
 def distribute(
-    model: nn.Module, cfg: DistConfig, world: World, device: torch.device, compile: bool = False
+    model: nn.Module, cfg: DistConfig, world: World, device: torch.device, compile: bool = False,
+    compile_mode: str | None = None,
 ) -> tuple[nn.Module, CommStats | None]:
-    """The module to call for training: `model` compiled if asked, then wrapped (DDP) or sharded (FSDP2)
-    for `world`. A single process gets it back unwrapped. `model` itself stays the module to save."""
+    """The module to call for training: `model` compiled if asked (torch.compile mode `compile_mode`), then
+    wrapped (DDP) or sharded (FSDP2) for `world`. A single process gets it back unwrapped. `model` itself
+    stays the module to save."""
     if not world.distributed:
-        return apply_compile(model, compile), None
+        return apply_compile(model, compile, compile_mode), None
     if cfg.strategy == "ddp":
-        wrapped = DDP(apply_compile(model, compile), device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DDP(apply_compile(model, compile, compile_mode), device_ids=[device.index] if device.type == "cuda" else None)
         return wrapped, _register_compression(wrapped, cfg, world)
     mesh = _mesh(cfg, world, device)
     for block in model.transformer.h:  # one all-gather per block, overlapped with the previous block's compute
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return apply_compile(model, compile), None
+    return apply_compile(model, compile, compile_mode), None
 
 
 def _mesh(cfg: DistConfig, world: World, device: torch.device):

@@ -11,6 +11,9 @@ Layout of RUN_DIR/checkpoints/step_<N>/:
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
     manifest.json          size and sha256 of every file above; written last
 
+RUN_DIR/best/ (train.keep_best) has the same layout and holds the checkpoint of the best validation loss so
+far; it is replaced as a whole, never pruned, and never taken as a step checkpoint to resume from.
+
 A checkpoint is built in a hidden sibling folder, every file fsynced, then renamed into place: a crash leaves
 either the previous set of checkpoints or the new one, never a half-written `step_<N>`. On load every file is
 checked against the manifest before a byte of it is used; a checkpoint that fails is reported (file and
@@ -62,11 +65,16 @@ def save_checkpoint(
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep: int = 3,
     staged: Path | None = None,
+    dest: Path | None = None,
 ) -> Path:
-    """Write step_<step> atomically and prune all but the newest `keep`. Returns the checkpoint folder."""
+    """Write step_<step> atomically and prune all but the newest `keep`. Returns the checkpoint folder.
+
+    `dest` writes the same checkpoint to another folder instead (RUN_DIR/best); that folder is replaced as
+    a whole, is never pruned, and is not a step checkpoint, so resuming never picks it up.
+    """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = Path(dest) if dest is not None else root / f"step_{step:08d}"
     tmp = staged or staging_dir(run_dir, step)
     if staged is None:
         if tmp.exists():
@@ -95,14 +103,15 @@ def save_checkpoint(
     fsync_dir(tmp)
 
     if final.exists():  # the same step written again (after a resume): swap, so one intact copy always exists
-        old = root / f".old-{final.name}-{os.getpid()}"
+        old = root / f".old-{final.name}-{os.getpid()}"  # prune() removes it if a crash leaves it
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    fsync_dir(root)
-    prune(root, keep)
+    fsync_dir(final.parent)
+    if dest is None:
+        prune(root, keep)
     return final
 
 
@@ -141,7 +150,7 @@ def prune(root: Path, keep: int) -> None:
     for stale in root.glob(".tmp-step_*"):
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
-    for old in root.glob(".old-step_*"):
+    for old in root.glob(".old-*"):
         shutil.rmtree(old, ignore_errors=True)
     for path in list_checkpoints(root)[keep:]:
         shutil.rmtree(path, ignore_errors=True)

@@ -3,6 +3,10 @@
 Progress is the fraction of the budget used: the largest of steps/max_steps, tokens/max_tokens and
 time/max_time among the limits that are set. A time budget makes the schedule follow the wall clock, which
 is what a user who says "train for five minutes" wants; step or token budgets keep it exactly reproducible.
+
+The wsd (warmup-stable-decay) cooldown is linear or cosine (train.cooldown). Batch-size warmup
+(train.batch_warmup_steps) is a schedule too: micro_steps() is the number of micro-batches an optimizer
+step accumulates, growing linearly from 1 to the full accumulation over the first steps.
 """
 
 from __future__ import annotations
@@ -36,5 +40,20 @@ def lr_multiplier(cfg: TrainConfig, step: int, frac: float) -> float:
         start = 1.0 - cfg.cooldown_frac
         if frac <= start or cfg.cooldown_frac == 0:
             return 1.0
+        if cfg.cooldown == "cosine":
+            t = (frac - start) / cfg.cooldown_frac  # 0 -> 1 over the cooldown
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         return 1.0 - (1.0 - floor) * (frac - start) / cfg.cooldown_frac
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def micro_steps(cfg: TrainConfig, step: int, accum: int) -> int:
+    """Micro-batches accumulated by optimizer step `step` (0-based) when the full step has `accum`.
+
+    Over the first W = train.batch_warmup_steps steps: 1 + floor((accum - 1) * step / W), a line from 1 at
+    step 0 towards accum at step W, rounded down; accum from step W on.
+    """
+    warmup = cfg.batch_warmup_steps
+    if not warmup or step >= warmup:
+        return accum
+    return 1 + (accum - 1) * step // warmup
