@@ -37,9 +37,11 @@ if what == "before_rename":      # every checkpoint file written and fsynced, th
 elif what == "before_prune":     # the new checkpoint is in place, older ones not yet pruned
     import gptforge.train.checkpoint as c
     c.prune = killer(c.prune)
-elif what == "mid_step":         # after backward, before the optimizer update
+elif what == "mid_step":         # after backward, before the optimizer update (whichever train.optimizer is)
     import torch
+    from gptforge.train.muon import Muon
     torch.optim.AdamW.step = killer(torch.optim.AdamW.step)
+    Muon.step = killer(Muon.step)
 elif what == "in_eval":
     import gptforge.train.loop as loop
     loop.evaluate = killer(loop.evaluate)

@@ -51,12 +51,15 @@ def test_study_runs_writes_best_and_resumes(small_data, tmp_path, capsys):
     assert [t["state"] for t in first["trials"]] == ["COMPLETE", "COMPLETE"]
     losses = [t["val_loss"] for t in first["trials"]]
     assert losses == sorted(losses) and first["best"]["trial"] == first["trials"][0]["trial"]
-    assert {"train.lr", "train.weight_decay", "model.dropout", "train.warmup_steps"} == set(first["best"]["params"])
+    # the default optimizer is Muon, so its own learning rate is searched too
+    assert {"train.lr", "train.weight_decay", "model.dropout", "train.warmup_steps",
+            "train.muon_lr"} == set(first["best"]["params"])
     assert (study / "trials" / "0000" / "config.yaml").is_file() and (study / "trials" / "0001").is_dir()
 
     best = load_config(study / "best.yaml")
     assert best.train.lr == pytest.approx(first["best"]["params"]["train.lr"])
     assert best.model.dropout == pytest.approx(first["best"]["params"]["model.dropout"])
+    assert best.train.muon_lr == pytest.approx(first["best"]["params"]["train.muon_lr"])
     assert best.train.max_steps == 4 and best.run.dir == str(study / "best")
 
     # A trial left RUNNING by a killed process is failed on resume; --trials counts every trial.
@@ -142,7 +145,14 @@ def test_default_space_follows_the_config():
     space = tn.default_space(load_config(None, ["train.lr=0.002", "train.max_steps=400", "train.optimizer=muon"]))
     assert space["train.lr"].low == pytest.approx(0.0002) and space["train.lr"].high == pytest.approx(0.02)
     assert space["train.warmup_steps"].high == 100 and "train.muon_lr" in space
-    assert "train.muon_lr" not in tn.default_space(load_config(None, []))
+    adamw = tn.default_space(load_config(None, ["train.lr=0.002", "train.optimizer=adamw"]))
+    assert "train.muon_lr" not in adamw and adamw["train.lr"].high == pytest.approx(0.02)
+    assert set(adamw) == {"train.lr", "train.weight_decay", "model.dropout", "train.warmup_steps"}
+    cfg = load_config(None, [])  # the default optimizer is Muon
+    assert cfg.train.optimizer == "muon"
+    muon = tn.default_space(cfg)["train.muon_lr"]
+    assert muon.log and muon.low == pytest.approx(cfg.train.muon_lr / 5)
+    assert muon.high == pytest.approx(cfg.train.muon_lr * 5)
 
 
 def test_missing_optuna_says_how_to_install(monkeypatch, capsys):

@@ -19,17 +19,19 @@ quiet = dict(report=lambda m: None)
 
 
 def tiny_gpt() -> GPT:
+    """Random weights in every block linear: zero-initialised projections would already be all zeros."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+    return GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=64, zero_init_proj=False)).eval()
 
 
 @pytest.fixture(scope="module")
 def run(small_data, tmp_path_factory):
-    """A weights-only run of a small random GPT on the shared small corpus."""
+    """A weights-only run of a small random GPT on the shared small corpus (no all-zero projections to prune)."""
     vocab = load_data_dir(small_data).vocab_size
     cfg = load_config(None, [f"data.dir={small_data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
-                             "model.n_embd=64", "model.block_size=32", "train.batch_size=4", "train.eval_tokens=512",
-                             "train.samples=0", "train.eval_every=0", "run.tensorboard=false"])
+                             "model.n_embd=64", "model.block_size=32", "model.zero_init_proj=false",
+                             "train.batch_size=4", "train.eval_tokens=512", "train.samples=0", "train.eval_every=0",
+                             "run.tensorboard=false"])
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("run") / "base"
     save_weights(path, GPT(cfg.model), cfg.to_dict(), step=7, tokenizer_file=small_data / "tokenizer.json")

@@ -11,6 +11,8 @@ from gptforge.errors import GptforgeError
 from gptforge.train.precision import cpu_has_native_bf16
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.batch_size=4"]
+# the fused AdamW rung applies to train.optimizer=adamw only (the default, Muon, runs its AdamW part as its own loop)
+ADAMW = [*TINY, "train.optimizer=adamw"]
 CPU = ab.DeviceInfo("cpu", "Test CPU", None, native_bf16=False, fused_adamw_cpu=True, compiler=True)
 H100 = ab.DeviceInfo("cuda", "NVIDIA H100", (9, 0), native_bf16=True, torchao=False, triton_runs=True)
 
@@ -53,7 +55,7 @@ def fake_runner(speeds, failing=()):
 def test_each_rung_is_kept_only_if_it_beats_the_best_so_far(monkeypatch, small_data):
     monkeypatch.setattr(ab, "device_info", lambda device: CPU)
     run, seen = fake_runner({"bf16": 0.1, "fused_adamw": 1.2, "compile": 1.5, "fused_kernels": 0.9})
-    report = ab.ablate([f"data.dir={small_data}", *TINY], steps=1, warmup=1, run_rung=run, log=lambda m: None)
+    report = ab.ablate([f"data.dir={small_data}", *ADAMW], steps=1, warmup=1, run_rung=run, log=lambda m: None)
     by = {r["rung"]: r for r in report["rungs"]}
     assert [r["rung"] for r in report["rungs"]] == list(ab.RUNG_NAMES)
     assert report["summary"]["kept"] == ["fp32", "fused_adamw", "compile"]
@@ -81,6 +83,19 @@ def test_each_rung_is_kept_only_if_it_beats_the_best_so_far(monkeypatch, small_d
     assert report["rule"].startswith("cumulative")
     for r in report["rungs"]:
         assert r["status"] == "ran" or r["reason"]
+
+
+def test_with_the_default_muon_the_fused_adamw_rung_is_skipped(monkeypatch, small_data):
+    """The ladder climbs with the user's optimizer: under Muon (the default) fused AdamW is reported, not run."""
+    monkeypatch.setattr(ab, "device_info", lambda device: CPU)
+    run, seen = fake_runner({"bf16": 0.1, "fused_adamw": 1.2, "compile": 1.5, "fused_kernels": 0.9})
+    report = ab.ablate([f"data.dir={small_data}", *TINY], steps=1, warmup=1, run_rung=run, log=lambda m: None)
+    by = {r["rung"]: r for r in report["rungs"]}
+    assert by["fused_adamw"]["status"] == "skipped" and "muon" in by["fused_adamw"]["reason"]
+    assert report["summary"]["skipped"] == ["tf32", "fused_adamw", "fp8"]
+    assert report["summary"]["kept"] == ["fp32", "compile"]
+    assert all(values(s)["train.fused_optimizer"] == "false" for s in seen)
+    assert all("train.optimizer" not in values(s) or values(s)["train.optimizer"] == "muon" for s in seen)
 
 
 def test_a_failing_rung_is_reported_and_the_ladder_goes_on(monkeypatch, small_data):
@@ -127,7 +142,7 @@ def test_on_cuda_fused_adamw_is_measured_like_any_other_rung(monkeypatch, small_
     monkeypatch.setattr(ab, "device_info", lambda device: H100)
     run, seen = fake_runner({"tf32": 1.5, "bf16": 2.0, "flash": 1.4, "fused_adamw": 0.95, "compile": 1.2,
                              "fused_kernels": 1.1})
-    report = ab.ablate([f"data.dir={small_data}", *TINY], steps=1, warmup=1, run_rung=run, log=lambda m: None)
+    report = ab.ablate([f"data.dir={small_data}", *ADAMW], steps=1, warmup=1, run_rung=run, log=lambda m: None)
     by = {r["rung"]: r for r in report["rungs"]}
     s = report["summary"]
     assert s["kept"] == ["fp32", "tf32", "bf16", "flash", "compile", "fused_kernels"]
@@ -149,7 +164,7 @@ def test_the_ladder_runs_on_this_cpu(small_data, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("the CPU ladder")
     out = tmp_path / "ablate.json"
-    code = main(["bench", "--ablate", f"data.dir={small_data}", *TINY, "--steps=1", "--warmup=1", "--skip=compile",
+    code = main(["bench", "--ablate", f"data.dir={small_data}", *ADAMW, "--steps=1", "--warmup=1", "--skip=compile",
                  f"--json={out}"])
     assert code == 0
     report = json.loads(out.read_text())

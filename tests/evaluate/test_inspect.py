@@ -22,15 +22,16 @@ from gptforge.train.checkpoint import save_weights
 
 PROMPT = "def add(a, b):\n    return a + b"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-VARIANTS = {"learned": dict(pos="learned", norm="layernorm", bias=True), "rope": dict(pos="rope"),
-            "rope+qk_norm": dict(pos="rope", qk_norm=True)}
+VARIANTS = {"learned": dict(pos="learned", norm="layernorm", bias=True, qk_norm=False),
+            "rope": dict(pos="rope", qk_norm=False), "rope+qk_norm": dict(pos="rope", qk_norm=True)}
 
 
 def tiny_model(**options) -> GPT:
-    """A random model with an untied head, so its predictions are not just echoes of the input."""
+    """A random model with an untied head, so its predictions are not just echoes of the input, and random
+    (not zero) output projections, so every block, and attention to earlier tokens, changes the result."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=257, vocab_multiple=64, block_size=64, n_layer=2, n_head=4, n_embd=32,
-                       tie_embeddings=False, **options)
+                       tie_embeddings=False, **{"zero_init_proj": False, **options})
     return GPT(config).eval()
 
 

@@ -9,13 +9,15 @@ from gptforge.model.gpt import GPT, GPTConfig
 def gpt2_small(**overrides) -> GPTConfig:
     """GPT-2 124M's shape: 12 layers, 12 heads, 768 wide, 1024 context, learned positions, biases, tied head."""
     fields = dict(vocab_size=50257, vocab_multiple=128, block_size=1024, n_layer=12, n_head=12, n_embd=768,
-                  mlp="gelu", mlp_ratio=4.0, norm="layernorm", pos="learned", bias=True, tie_embeddings=True)
+                  mlp="gelu", mlp_ratio=4.0, norm="layernorm", pos="learned", bias=True, tie_embeddings=True,
+                  qk_norm=False)
     return GPTConfig(**{**fields, **overrides})
 
 
-def small_config(tie: bool) -> GPTConfig:
-    return GPTConfig(vocab_size=100, vocab_multiple=64, block_size=32, n_layer=2, n_head=4, n_embd=64,
-                     mlp="gelu", norm="layernorm", pos="learned", bias=True, tie_embeddings=tie)
+def small_config(tie: bool, **overrides) -> GPTConfig:
+    fields = dict(vocab_size=100, vocab_multiple=64, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                  mlp="gelu", norm="layernorm", pos="learned", bias=True, tie_embeddings=tie, qk_norm=False)
+    return GPTConfig(**{**fields, **overrides})
 
 
 def test_param_count_by_hand():
@@ -32,6 +34,15 @@ def test_param_count_by_hand():
     assert counts == {"total": total, "embedding": embedding, "non_embedding": total - embedding}
     assert num_params(GPT(small_config(tie=True))) == counts
     assert GPT(small_config(tie=True)).num_params() == total
+
+
+def test_qk_norm_adds_one_gain_per_head_dimension_for_queries_and_keys():
+    L, head_dim = 2, 64 // 4
+    plain, normed = num_params(small_config(tie=True)), num_params(small_config(tie=True, qk_norm=True))
+    gains = L * 2 * head_dim  # q_norm and k_norm: one RMSNorm gain over head_dim each, shared by the heads
+    assert normed["total"] == plain["total"] + gains
+    assert normed["non_embedding"] == plain["non_embedding"] + gains
+    assert GPT(small_config(tie=True, qk_norm=True)).num_params() == normed["total"]
 
 
 def test_untied_head_counts_as_non_embedding():

@@ -95,7 +95,7 @@ def test_invalid_configs_raise(overrides):
 
 
 def test_init_follows_gpt2():
-    model = build(bias=True, n_layer=8, n_embd=256, tie_embeddings=False)
+    model = build(bias=True, n_layer=8, n_embd=256, tie_embeddings=False, zero_init_proj=False)
     residual = [m for m in model.modules() if getattr(m, "is_residual_proj", False)]
     assert len(residual) == 2 * 8  # attention and MLP output projections of every block
     for m in residual:
@@ -103,6 +103,13 @@ def test_init_follows_gpt2():
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 5e-4
     assert abs(model.lm_head.weight.std().item() - 0.02) < 5e-4
     assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = build(zero_init_proj=True)
+    residual = [m for m in model.modules() if getattr(m, "is_residual_proj", False)]
+    assert residual and all((m.weight == 0).all() for m in residual)
+    assert model.transformer.h[0].attn.c_attn.weight.abs().sum() > 0  # only the output projections
 
 
 def test_tied_head_shares_the_embedding_matrix():
@@ -153,7 +160,7 @@ def test_kv_cache_keeps_the_dtype_it_was_given():
 
 
 def test_dropout_only_acts_in_training():
-    model = build(dropout=0.5)
+    model = build(dropout=0.5, zero_init_proj=False)  # zero projections would hide the dropped branches
     idx = torch.randint(0, 100, (1, 16))
     torch.testing.assert_close(model(idx), model(idx))
     model.train()

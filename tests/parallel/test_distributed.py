@@ -39,14 +39,17 @@ if "CHECKSUM_DIR" in os.environ:
         return out
     ckpt.model_tensors = checksummed
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
+    from gptforge.train.muon import Muon
     calls = {"n": 0}
-    step = torch.optim.AdamW.step
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > int(os.environ["KILL_AFTER"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step(self, *a, **k)
-    torch.optim.AdamW.step = dying
+    def dying(step):  # whichever optimizer train.optimizer picks
+        def wrapped(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] > int(os.environ["KILL_AFTER"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *a, **k)
+        return wrapped
+    torch.optim.AdamW.step = dying(torch.optim.AdamW.step)
+    Muon.step = dying(Muon.step)
 from gptforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -146,7 +146,8 @@ def test_real_healthy_run_is_quiet(small_data, tmp_path):
 
 def test_real_stuck_run_is_flagged_underfitting(small_data, tmp_path, capsys):
     train(load_config(None, [*TINY, f"data.dir={small_data}", f"run.dir={tmp_path / 'r'}", "train.max_steps=40",
-                             "train.eval_every=5", "train.lr=1e-5", "train.warmup_steps=0"]))
+                             "train.eval_every=5", "train.lr=1e-5", "train.muon_lr=1e-5",
+                             "train.warmup_steps=0"]))
     flags = [r for r in read_metrics(tmp_path / "r") if r.get("event") in ("overfitting", "underfitting")]
     assert [(r["event"], r["step"]) for r in flags] == [("underfitting", 20)]  # once: the first full window
     assert flags[0]["val_loss_to"] > flags[0]["high_line"]

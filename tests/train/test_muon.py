@@ -91,7 +91,7 @@ def test_every_parameter_in_exactly_one_group_of_the_right_kind(arch):
 
 def test_adamw_groups_carry_their_base_lr():
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    opt = build_optimizer(model, TrainConfig(lr=2e-3), "cpu")
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", lr=2e-3), "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["base_lr"] for g in opt.param_groups] == [2e-3, 2e-3]
 
@@ -157,8 +157,14 @@ def test_accumulation_feeds_muon_the_whole_batch_gradient():
     for step in (1, 2):  # the second step uses the momentum and Adam state the first one left
         whole.step([(x, y)], 1.0, step)
         halves.step([(x[:4], y[:4]), (x[4:], y[4:])], 1.0, step)
+    # The accumulated gradient matches the whole batch's to fp32 rounding (~1e-9 here). Muon's orthogonalized
+    # update is insensitive to that; AdamW's first steps are not for entries whose gradient is near eps
+    # (g / (|g| + eps): a 2e-10 gradient difference at |g| = 4e-8 moves the update by 1e-3 * lr), and with
+    # zero-initialized c_proj the tied embedding has such entries. Hence a looser bound for the AdamW groups.
+    muon_params = {id(p) for g in whole.optimizer.param_groups if g["use_muon"] for p in g["params"]}
+    assert muon_params
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(a, b, atol=2e-6), name
+        assert torch.allclose(a, b, atol=2e-6 if id(a) in muon_params else 1e-5), name
 
 
 def test_resume_is_bitwise_with_accumulation_and_batch_warmup(small_data, tmp_path):

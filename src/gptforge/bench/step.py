@@ -25,7 +25,7 @@ from gptforge.observe.environment import environment
 from gptforge.observe.hardware import peak_flops
 from gptforge.parallel.apply import apply_train_switches, check_fp8
 from gptforge.parallel.distribute import distribute
-from gptforge.parallel.world import World, close_world, init_world
+from gptforge.parallel.world import World, running_world
 from gptforge.train import rng
 from gptforge.train.batch_finder import resolve_batch_size
 from gptforge.train.loop import Stepper, apply_train_kernels, peak_memory_gb, resolve_data, training_device
@@ -40,11 +40,8 @@ def _sync(device: torch.device) -> None:
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     """Time `steps` optimizer steps after `warmup` untimed ones; every process returns the same record."""
-    world = init_world(cfg.dist.backend)
-    try:
+    with running_world(cfg.dist.backend) as world:
         return _bench(cfg, world, steps, warmup)
-    finally:
-        close_world(world)
 
 
 def _bench(cfg: Config, world: World, steps: int, warmup: int) -> dict[str, Any]:

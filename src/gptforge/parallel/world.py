@@ -7,10 +7,12 @@ process needs no process group at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from datetime import timedelta
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -99,6 +101,23 @@ def init_world(backend: str = "auto") -> World:
     return world
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, finished: bool = True) -> None:
+    """Tear the process group down. After a clean finish every process first waits for the others, so none
+    destroys its group while another still talks to it; after an error it leaves at once (the others are
+    stopped by torchrun), since waiting for processes stuck in a collective would hang."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def running_world(backend: str = "auto") -> Iterator[World]:
+    """init_world, then close_world: waiting for the others after a clean finish, at once after an error."""
+    world = init_world(backend)
+    try:
+        yield world
+    except BaseException:
+        close_world(world, finished=False)
+        raise
+    close_world(world)

@@ -51,7 +51,7 @@ from gptforge.parallel.distribute import (
     load_sharded,
     save_sharded,
 )
-from gptforge.parallel.world import World, close_world, init_world
+from gptforge.parallel.world import World, running_world
 from gptforge.train import checkpoint, rng
 from gptforge.train.batch_finder import resolve_batch_size
 from gptforge.train.fitwatch import EarlyStop, fit_watch
@@ -195,11 +195,8 @@ def _sparsity_masks(model: GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train(cfg: Config, on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or resume) the run `cfg` describes; under torchrun, every process calls this.
     on_eval(step, result) runs after every evaluation; it may raise StopTraining to end the run."""
-    world = init_world(cfg.dist.backend)
-    try:
+    with running_world(cfg.dist.backend) as world:
         return _train(cfg, world, on_eval)
-    finally:
-        close_world(world)
 
 
 def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:

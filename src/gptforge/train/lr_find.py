@@ -31,7 +31,7 @@ from gptforge.fileio import atomic_write_text
 from gptforge.model.gpt import GPT
 from gptforge.observe.environment import environment
 from gptforge.parallel.distribute import distribute
-from gptforge.parallel.world import World, close_world, init_world
+from gptforge.parallel.world import World, running_world
 from gptforge.train import rng
 from gptforge.train.loop import (
     Stepper,
@@ -110,11 +110,8 @@ def lr_find(cfg: Config, min_lr: float = 1e-5, max_lr: float = 10.0, steps: int 
             report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the range test on the run `cfg` describes; returns the record written to lr_find.json."""
     _check_args(cfg, min_lr, max_lr, steps)
-    world = init_world(cfg.dist.backend)
-    try:
+    with running_world(cfg.dist.backend) as world:
         return _lr_find(cfg, world, min_lr, max_lr, steps, report or (lambda msg: None))
-    finally:
-        close_world(world)
 
 
 def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int,
