@@ -35,10 +35,15 @@ VARIANTS: dict[str, list[str]] = {
     "adamw": BASE,
     "adamw+arch": BASE + ARCH,
     "muon": BASE + ["train.optimizer=muon"],
+    "muon+relu2": BASE + ["train.optimizer=muon", "model.mlp=relu2"],
+    "muon+qk_norm": BASE + ["train.optimizer=muon", "model.qk_norm=true"],
+    "muon+zero_init": BASE + ["train.optimizer=muon", "model.zero_init_proj=true"],
     "muon+arch": BASE + ["train.optimizer=muon"] + ARCH,
     "muon+arch+wsd": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4"],
-    "muon+arch+untied+softcap": BASE + ["train.optimizer=muon"] + ARCH + ["model.tie_embeddings=false",
-                                                                         "model.logit_softcap=15"],
+    "muon+arch+wsd+untied": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4",
+                                                                     "model.tie_embeddings=false"],
+    "muon+arch+wsd+softcap": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4",
+                                                                      "model.logit_softcap=15"],
     "default": [],  # whatever `gptforge train` does today
 }
 
