@@ -32,10 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from nanogpt_speed import write_peer_data as write_tokens  # the shard -> uint16 conversion, streamed
 
 from gptforge.config import load_config
-from gptforge.data.shards import open_shard
 from gptforge.observe.environment import environment
 from gptforge.observe.metrics import read_metrics
 from gptforge.train.loop import resolve_data, train
@@ -47,14 +46,13 @@ EVAL_TOKENS = 32768  # per evaluation, both sides: 8 batches of 16 x 256
 
 
 def write_peer_data(nanogpt: Path, data) -> Path:
-    """gptforge shards as nanoGPT's raw uint16 token files (the 1024-byte shard headers dropped)."""
+    """gptforge shards as nanoGPT's raw uint16 token files, and the meta.pkl it reads its vocabulary from."""
     out = nanogpt / "data" / DATASET
     out.mkdir(parents=True, exist_ok=True)
-    for split, shards in (("train", data.train), ("val", data.val)):
-        tokens = np.concatenate([np.asarray(open_shard(s.path)) for s in shards])
-        if tokens.max() >= 2**16:
-            sys.exit(f"vocabulary of {data.vocab_size} does not fit nanoGPT's uint16 files")
-        tokens.astype(np.uint16).tofile(out / f"{split}.bin")
+    if data.vocab_size > 1 << 16:
+        sys.exit(f"vocabulary of {data.vocab_size} does not fit nanoGPT's uint16 files")
+    write_tokens(data.train, out / "train.bin")
+    write_tokens(data.val, out / "val.bin")
     with open(out / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": data.vocab_size}, f)
     return out
