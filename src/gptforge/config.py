@@ -266,7 +266,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer": ("bpe", "bytes"),
     "data.loader": ("random", "sequential"),
-    "model.mlp": ("gelu", "relu2", "swiglu"),
+    "model.mlp": ("gelu", "gelu_exact", "relu2", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.pos": ("learned", "rope"),
     "train.schedule": ("cosine", "wsd", "constant"),

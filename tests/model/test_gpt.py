@@ -206,3 +206,13 @@ def test_a_tiny_model_overfits_a_fixed_batch():
 
     assert first > 4.0  # about ln(100) = 4.6 at init
     assert loss.item() < 0.05  # memorised: geometric-mean probability of the right token > 0.95
+
+
+def test_gelu_exact_is_the_erf_form_and_gelu_the_tanh_one():
+    x = torch.randn(2, 16, 64) * 3
+    exact, tanh = build(mlp="gelu_exact", zero_init_proj=False), build(mlp="gelu", zero_init_proj=False)  # same weights
+    mlp_exact, mlp_tanh = exact.transformer.h[0].mlp, tanh.transformer.h[0].mlp
+    h = mlp_exact.c_fc(x)
+    torch.testing.assert_close(mlp_exact(x), mlp_exact.c_proj(torch.nn.functional.gelu(h)))
+    torch.testing.assert_close(mlp_tanh(x), mlp_tanh.c_proj(torch.nn.functional.gelu(h, approximate="tanh")))
+    assert not torch.allclose(mlp_exact(x), mlp_tanh(x), atol=1e-6)

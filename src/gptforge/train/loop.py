@@ -39,6 +39,7 @@ from gptforge.observe.environment import environment
 from gptforge.observe.hardware import peak_flops
 from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.metrics import MetricsLog, truncate_after
+from gptforge.observe.phases import PhaseTimer
 from gptforge.parallel.apply import apply_train_switches, check_fp8
 from gptforge.parallel.distribute import (
     distribute,
@@ -529,6 +530,7 @@ class Stepper:
         self.read_every = [n for n in (cfg.train.log_every, cfg.train.eval_every, cfg.train.save_every) if n]
         self.device_skips = 0  # set on read steps: steps skipped on the device since the previous read
         self._counters: torch.Tensor | None = None  # (3,) int32 on the device: skipped, run of skips, any applied
+        self.phases: PhaseTimer | None = None  # set by `gptforge bench` to split each step's time
 
     def _injected(self, step: int, at: int | None) -> bool:
         return at is not None and at <= step < at + self.debug.inject_count
@@ -545,12 +547,19 @@ class Stepper:
             scale = math.nan
         elif self._injected(step, self.debug.inject_spike_at_step):
             scale = 100.0
+        phases = self.phases
+        if phases:
+            phases.start()
         loss_sum = torch.zeros((), device=self.params[0].device)
         for i, (x, y) in enumerate(batches):
             with grad_sync(self.model, enabled=i == accum - 1), self.precision.autocast():
                 loss = self.model(x, y) * (scale / accum)
                 loss_sum += loss.detach()
+                if phases:
+                    phases.mark("forward")
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                if phases:
+                    phases.mark("backward")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
@@ -578,6 +587,8 @@ class Stepper:
             for weight, mask in self.sparsity_masks:
                 weight.mul_(mask)
         self.optimizer.zero_grad(set_to_none=True)
+        if phases:
+            phases.mark("optimizer")  # clipping and the guard's decision included
         return loss, grad_norm, reason
 
     def _device_step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -602,6 +613,8 @@ class Stepper:
             for weight, mask in self.sparsity_masks:
                 weight.mul_(mask)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.phases:
+            self.phases.mark("optimizer")
         return loss, grad_norm, None
 
     def _count(self, finite: torch.Tensor) -> None:

@@ -35,17 +35,46 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     bfloat16 matmul). Returns a tensor of G's shape in that working dtype.
     """
     assert G.ndim == 2, f"expected a matrix, got shape {tuple(G.shape)}"
-    a, b, c = NS_COEFFICIENTS
     X = G.to(torch.bfloat16 if G.device.type == "cuda" else torch.float32)
     tall = G.size(0) > G.size(1)
     if tall:  # iterate on the wide orientation: X @ X^T is then the smaller Gram matrix
         X = X.T  # (cols, rows)
     X = X / (X.norm() + eps)  # Frobenius norm >= spectral norm: every singular value now <= 1
-    for _ in range(steps):
-        A = X @ X.T  # (m, m), m = min(rows, cols)
-        B = b * A + c * A @ A  # (m, m)
-        X = a * X + B @ X  # (m, n)
+    m, n = X.shape
+    if X.dtype == torch.float32 and n >= GRAM_MIN_ASPECT * m:
+        X = _newtonschulz_gram(X, steps)
+    else:
+        a, b, c = NS_COEFFICIENTS
+        for _ in range(steps):
+            A = X @ X.T  # (m, m), m = min(rows, cols)
+            B = b * A + c * A @ A  # (m, m)
+            X = a * X + B @ X  # (m, n)
     return X.T if tall else X
+
+
+# The Gram form costs 2 (m, m, n) products and 17 (m, m, m) ones for 5 steps, against 10 and 5 for the plain
+# one: it is the cheaper one from n = 1.5 m. In float32 only: in bfloat16 its rounding errors build up.
+GRAM_MIN_ASPECT = 1.5
+
+
+def _newtonschulz_gram(X: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iteration as zeropower_via_newtonschulz5's, for a wide (m, n) X, carried out on m x m matrices.
+
+    Each step is X <- Q X with Q = a I + b A + c A^2 a polynomial of A = X X^T. So after k steps
+    X_k = P_k X_0 with P_k = Q_{k-1} ... Q_0, and A_{k+1} = Q_k A_k Q_k^T = Q_k^2 A_k since Q_k commutes with
+    A_k. Only the first Gram matrix and the final P X_0 touch the long side n, which saves almost half the
+    work for an MLP matrix (n = 4 m). Equal to the plain iteration within float32 rounding (tested).
+    """
+    a, b, c = NS_COEFFICIENTS
+    A = X @ X.T  # (m, m)
+    P = None
+    for k in range(steps):
+        Q = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        Q.diagonal().add_(a)
+        P = Q if P is None else Q @ P
+        if k < steps - 1:
+            A = Q @ (Q @ A)
+    return P @ X
 
 
 def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, ns_steps: int) -> torch.Tensor:
