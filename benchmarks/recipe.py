@@ -45,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "muon+arch+wsd+softcap": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4",
                                                                       "model.logit_softcap=15"],
     "default": [],  # whatever `gptforge train` does today
+    "default-zero_init": ["model.zero_init_proj=false"],  # the default with GPT-2's projection init
 }
 
 

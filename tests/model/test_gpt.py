@@ -216,3 +216,17 @@ def test_gelu_exact_is_the_erf_form_and_gelu_the_tanh_one():
     torch.testing.assert_close(mlp_exact(x), mlp_exact.c_proj(torch.nn.functional.gelu(h)))
     torch.testing.assert_close(mlp_tanh(x), mlp_tanh.c_proj(torch.nn.functional.gelu(h, approximate="tanh")))
     assert not torch.allclose(mlp_exact(x), mlp_tanh(x), atol=1e-6)
+
+
+def test_relu_squared_matches_autograd_of_relu_square():
+    from gptforge.model.gpt import relu_squared
+
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(relu_squared, (x,))
+    x32 = torch.randn(4, 16, 96) * 2
+    a, b = x32.clone().requires_grad_(), x32.clone().requires_grad_()
+    grad = torch.randn(4, 16, 96)
+    relu_squared(a).backward(grad)
+    torch.nn.functional.relu(b).square().backward(grad)
+    torch.testing.assert_close(relu_squared(x32), torch.nn.functional.relu(x32).square())
+    torch.testing.assert_close(a.grad, b.grad)

@@ -203,6 +203,26 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class _ReLUSquared(torch.autograd.Function):
+    """relu(x)^2 with a one-line backward, grad * 2 relu(x), from the one saved tensor: `F.relu(x).square()`
+    runs five elementwise passes for its backward, this two (about half the time of the pair on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return grad * (r + r)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return _ReLUSquared.apply(x)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -221,7 +241,7 @@ class MLP(nn.Module):
         elif self.kind == "gelu_exact":
             h = F.gelu(h)
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = relu_squared(h)
         else:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
