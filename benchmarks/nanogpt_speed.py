@@ -107,6 +107,17 @@ def parse_nanogpt(log: str) -> tuple[list[float], float | None]:
     return times, float(params.group(1)) * 1e6 if params else None
 
 
+def build_peer(nanogpt: Path, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab: int, device):
+    """nanoGPT's model (imported from its checkout's model.py) on `device`, and its AdamW from its own
+    configure_optimizers with train.py's defaults (weight decay 0.1, lr 6e-4, betas 0.9 / 0.95)."""
+    sys.path.insert(0, str(nanogpt))
+    from model import GPT as PeerGPT, GPTConfig as PeerConfig  # nanoGPT's model.py
+
+    peer = PeerGPT(PeerConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, dropout=0.0, bias=False)).to(device)
+    return peer, peer.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+
+
 def run_interleaved(nanogpt: Path, train_bin: Path, args: argparse.Namespace, vocab: int,
                     variants: dict[str, list[str]]) -> tuple[dict, dict]:
     """nanoGPT's model and optimizer, imported from its checkout, stepped in this process in turn with
@@ -123,14 +134,10 @@ def run_interleaved(nanogpt: Path, train_bin: Path, args: argparse.Namespace, vo
     from gptforge.bench.step import StepRig
     from gptforge.parallel.world import running_world
 
-    sys.path.insert(0, str(nanogpt))
-    from model import GPT as PeerGPT, GPTConfig as PeerConfig  # nanoGPT's model.py
-
     device = torch.device(args.device)
     torch.manual_seed(1337)
-    peer = PeerGPT(PeerConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=False)).to(device)
-    optimizer = peer.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    peer, optimizer = build_peer(nanogpt, args.n_layer, args.n_head, args.n_embd, args.block_size, vocab, device)
+    params = peer.get_num_params()
     if args.compile == "True":
         peer = torch.compile(peer)
     ctx = (contextlib.nullcontext() if device.type == "cpu"
@@ -173,7 +180,7 @@ def run_interleaved(nanogpt: Path, train_bin: Path, args: argparse.Namespace, vo
                 rig.close()
         records = {name: rig.record() for name, rig in rigs.items()}
     peer_record = {"step_times_s": peer_times[args.warmup:], "warmup_times_s": peer_times[:args.warmup],
-                   "params_printed": peer.get_num_params() if hasattr(peer, "get_num_params") else None,
+                   "params_printed": params,
                    "mode": "in-process, interleaved"}
     return peer_record, records
 

@@ -31,7 +31,7 @@ from gptforge.observe.environment import environment
 from gptforge.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nanogpt_speed import NANOGPT_ARCH  # noqa: E402
+from nanogpt_speed import NANOGPT_ARCH, build_peer  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
@@ -45,7 +45,8 @@ def kind(op: str) -> str:
 
 
 def profile_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, steps: int) -> dict:
-    """Self CPU seconds per step by kind, and the wall time per step, over `steps` profiled steps."""
+    """Self CPU seconds per step (their sum, "step_s", and by kind) and the costliest ops, as means over
+    `steps` profiled steps; profiler overhead included, so compare the two models' figures with each other."""
     def step():
         loss_fn(model).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -84,12 +85,8 @@ def main() -> None:
     model = GPT(m)
     results = {"gptforge": profile_steps(model, build_optimizer(model, cfg.train, "cpu"), lambda g: g(x, y), args.steps)}
     if args.nanogpt:
-        sys.path.insert(0, str(args.nanogpt.resolve()))
-        from model import GPT as PeerGPT, GPTConfig as PeerConfig  # nanoGPT's model.py
-
-        peer = PeerGPT(PeerConfig(block_size=m.block_size, vocab_size=m.padded_vocab_size, n_layer=m.n_layer,
-                                  n_head=m.n_head, n_embd=m.n_embd, dropout=0.0, bias=False))
-        opt = peer.configure_optimizers(cfg.train.weight_decay, cfg.train.lr, (cfg.train.beta1, cfg.train.beta2), "cpu")
+        peer, opt = build_peer(args.nanogpt.resolve(), m.n_layer, m.n_head, m.n_embd, m.block_size,
+                               m.padded_vocab_size, torch.device("cpu"))
         results["nanogpt"] = profile_steps(peer, opt, lambda g: g(x, y)[1], args.steps)
 
     tokens = B * m.block_size

@@ -22,18 +22,19 @@ def test_bench_record_has_what_a_result_file_needs(small_data):
         assert sum(parts) <= total * 1.001  # the phases lie inside the step
 
 
-def test_phase_timer_sums_repeated_phases():
+def test_phase_timer_sums_repeated_phases(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 3.5, 6.0, 10.0, 20.0, 20.25])
+    monkeypatch.setattr("gptforge.observe.phases.time.perf_counter", lambda: next(clock))
     timer = PhaseTimer(torch.device("cpu"))
-    timer.start()
-    for _ in range(2):  # two micro-steps
+    timer.start()  # 0.0
+    for _ in range(2):  # two micro-steps: forward 1.0 + 0.5, backward 2.0 + 2.5
         timer.mark("forward")
         timer.mark("backward")
+    timer.mark("optimizer")  # 4.0
+    assert timer.split() == {"forward": 1.5, "backward": 4.5, "optimizer": 4.0}
+    timer.start()  # 20.0: a new step starts from nothing
     timer.mark("optimizer")
-    split = timer.split()
-    assert set(split) == {"forward", "backward", "optimizer"} and all(v >= 0 for v in split.values())
-    timer.start()  # a new step starts from nothing
-    timer.mark("optimizer")
-    assert timer.split()["forward"] == 0.0
+    assert timer.split() == {"forward": 0.0, "backward": 0.0, "optimizer": 0.25}
 
 
 @pytest.mark.parametrize("accum", [1, 2])

@@ -22,7 +22,7 @@ from gptforge.model.gpt import GPT
 from gptforge.observe import console
 from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
-from gptforge.observe.hardware import datasheet_peak, measured_matmul_flops
+from gptforge.observe.hardware import datasheet_peak, measured_peak
 from gptforge.observe.phases import PHASES, PhaseTimer
 from gptforge.parallel.apply import apply_train_switches, check_fp8
 from gptforge.parallel.distribute import distribute
@@ -119,7 +119,7 @@ class StepRig:
         median = statistics.median(self.step_s)
         tps = tokens / median
         model_flops = flops_per_token(cfg.model) * tps / world.world_size  # per process
-        measured = matmul_peak(device, self.precision.name)
+        measured = measured_peak(device, self.precision.name)  # in the same run as the step
         datasheet = datasheet_peak(device, self.precision.name)
         return {
             **environment(device, self.precision.name, world.world_size),
@@ -141,16 +141,6 @@ class StepRig:
             "comm_bytes_per_step": self.comm.bytes_per_step if self.comm else 0,
             "energy": energy,
         }
-
-
-def matmul_peak(device: torch.device, precision: str) -> float:
-    """FLOP/s of a large matmul in the step's precision, measured now, in the same run as the step."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if device.type == "cuda":
-        return measured_matmul_flops(device, dtype, n=8192, trials=10)
-    if dtype != torch.float32:  # emulated half precision on a CPU: a smaller matrix measures it in a second
-        return measured_matmul_flops(device, dtype, n=256, trials=3)
-    return measured_matmul_flops(device, dtype, n=2048, trials=3)
 
 
 def print_record(record: dict[str, Any]) -> None:

@@ -204,8 +204,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class _ReLUSquared(torch.autograd.Function):
-    """relu(x)^2 with a one-line backward, grad * 2 relu(x), from the one saved tensor: `F.relu(x).square()`
-    runs five elementwise passes for its backward, this two (about half the time of the pair on a CPU)."""
+    """relu(x)^2 whose backward is grad * 2 relu(x), from the one saved tensor. Autograd of
+    `F.relu(x).square()` chains the square's backward and the relu's (a threshold pass) instead; forward and
+    backward together took about half as long this way on a CPU (4096 x 1536, fp32)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
