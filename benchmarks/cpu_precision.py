@@ -19,7 +19,7 @@ import torch
 from gptforge.bench.step import bench, write_json
 from gptforge.config import load_config
 from gptforge.observe.environment import environment
-from gptforge.train.precision import cpu_has_native_bf16
+from gptforge.runtime import cpu_has_native_bf16
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:

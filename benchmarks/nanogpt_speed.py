@@ -51,7 +51,7 @@ from gptforge.bench.step import bench, write_json
 from gptforge.config import load_config
 from gptforge.data.shards import open_shard
 from gptforge.observe.environment import environment
-from gptforge.train.loop import resolve_data
+from gptforge.train.builder import resolve_data
 
 ITER_LINE = re.compile(r"^iter (\d+): loss ([-\d.naif]+), time ([\d.]+)ms", re.MULTILINE)
 PARAMS_LINE = re.compile(r"number of parameters: ([\d.]+)M")

@@ -37,7 +37,8 @@ from nanogpt_speed import write_peer_data as write_tokens  # the shard -> uint16
 from gptforge.config import load_config
 from gptforge.observe.environment import environment
 from gptforge.observe.metrics import read_metrics
-from gptforge.train.loop import resolve_data, train
+from gptforge.train.builder import resolve_data
+from gptforge.train.loop import train
 
 DATASET = "gptforge_builtin"
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)

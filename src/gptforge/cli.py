@@ -50,7 +50,7 @@ def _sample(args: argparse.Namespace) -> int:
     from gptforge.evaluate.generate import generate
     from gptforge.evaluate.safety import safety_from_args
     from gptforge.inference import load_checkpoint
-    from gptforge.train.precision import pick_device
+    from gptforge.runtime import pick_device
 
     safety = safety_from_args(args)  # a bad lists file fails before the model loads
     run = load_checkpoint(args.run_dir, pick_device(args.device))
@@ -85,8 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
     from gptforge.data.prepare import load_data_dir
     from gptforge.evaluate.loss import evaluate
     from gptforge.inference import load_checkpoint
-    from gptforge.train.loop import resolve_data
-    from gptforge.train.precision import pick_device, resolve_precision
+    from gptforge.train.builder import resolve_data
+    from gptforge.runtime import pick_device, resolve_precision
 
     device = pick_device(args.device)
     run = load_checkpoint(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))

@@ -8,7 +8,7 @@ import torch
 from gptforge.bench import ablate as ab
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.train.precision import cpu_has_native_bf16
+from gptforge.runtime import cpu_has_native_bf16
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.batch_size=4"]
 # the fused AdamW rung applies to train.optimizer=adamw only (the default, Muon, runs its AdamW part as its own loop)

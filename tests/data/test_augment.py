@@ -13,7 +13,7 @@ from gptforge.evaluate.loss import evaluate
 from gptforge.inference import load_checkpoint
 from gptforge.observe.metrics import read_metrics
 from gptforge.train.loop import train
-from gptforge.train.precision import resolve_precision
+from gptforge.runtime import resolve_precision
 
 V = 1000
 

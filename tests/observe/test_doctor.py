@@ -8,7 +8,7 @@ import torch
 from gptforge.cli import main
 from gptforge.config import load_config
 from gptforge.observe import doctor
-from gptforge.train.precision import resolve_precision
+from gptforge.runtime import resolve_precision
 
 
 def settings(report):

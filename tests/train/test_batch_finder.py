@@ -22,7 +22,7 @@ from gptforge.train.batch_finder import (
     with_margin,
 )
 from gptforge.train.loop import train
-from gptforge.train.precision import Precision
+from gptforge.runtime import Precision
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 

@@ -18,7 +18,7 @@ from gptforge.inference import load_checkpoint
 from gptforge.observe.metrics import read_metrics
 from gptforge.train import checkpoint
 from gptforge.train.loop import train
-from gptforge.train.precision import resolve_precision
+from gptforge.runtime import resolve_precision
 
 # A constant learning rate (the schedule does not depend on max_steps, so a run cut short is the same run)
 # and a large min_delta: val loss improves fast for a few evaluations, then by less than 0.15 per evaluation.

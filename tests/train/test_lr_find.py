@@ -61,19 +61,21 @@ def test_a_huge_max_lr_diverges_and_stops_early(small_data):
 def test_muon_groups_follow_the_same_multiplier(small_data, monkeypatch):
     seen = []
 
-    class Recording(lrf.Stepper):
+    from gptforge.train import builder
+
+    class Recording(builder.Stepper):
         def step(self, batches, lr_scale, step):
             out = super().step(batches, lr_scale, step)
             seen.append({g["use_muon"]: g["lr"] for g in self.optimizer.param_groups})
             return out
 
-    monkeypatch.setattr(lrf, "Stepper", Recording)
+    monkeypatch.setattr(builder, "Stepper", Recording)  # the sweep steps what the builder builds
     cfg = config(small_data, "train.optimizer=muon", "train.lr=0.004", "train.muon_lr=0.02")
     record = lrf.lr_find(cfg, min_lr=1e-4, max_lr=1e-2, steps=6)
     for lr, groups in zip(record["lrs"], seen):
         assert groups[False] == pytest.approx(lr)  # the AdamW groups sweep train.lr itself
         assert groups[True] == pytest.approx(lr * 0.02 / 0.004)  # Muon's rate, scaled alike
-    muon = record["suggestion"]["muon_lr"]
+    muon = record["suggestion"]["follows"]["train.muon_lr"]
     assert muon["steepest"] == pytest.approx(record["suggestion"]["steepest"] * 5)
 
 

@@ -16,10 +16,11 @@ from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.observe.metrics import read_metrics
 from gptforge.parallel.world import World
 from gptforge.train import checkpoint
-from gptforge.train.loop import Stepper, train
+from gptforge.train.loop import train
+from gptforge.train.step import Stepper
 from gptforge.train.muon import GRAM_MIN_ASPECT, NS_COEFFICIENTS, Muon, _newtonschulz_gram, zeropower_via_newtonschulz5
 from gptforge.train.optim import build_optimizer
-from gptforge.train.precision import resolve_precision
+from gptforge.runtime import resolve_precision
 
 TINY = ["model.preset=tiny", "train.max_time=null", "train.eval_tokens=2048", "train.samples=0",
         "run.tensorboard=false", "train.optimizer=muon"]

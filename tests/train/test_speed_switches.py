@@ -12,13 +12,14 @@ from gptforge.config import load_config
 from gptforge.errors import ConfigError
 from gptforge.model.gpt import GPT
 from gptforge.observe.metrics import read_metrics
-from gptforge.parallel import apply
-from gptforge.parallel.apply import apply_activation_checkpointing, apply_compile, check_fp8, checkpointed_blocks
+from gptforge.train import techniques as apply
+from gptforge.train.techniques import apply_activation_checkpointing, apply_compile, check_fp8, checkpointed_blocks
 from gptforge.parallel.world import World
 from gptforge.train.guard import Guard
-from gptforge.train.loop import Stepper, masked_step, train
+from gptforge.train.loop import train
+from gptforge.train.step import Stepper, masked_step
 from gptforge.train.optim import build_optimizer
-from gptforge.train.precision import Precision
+from gptforge.runtime import Precision
 
 TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=256", "train.samples=0",
         "run.tensorboard=false", "train.precision=fp32"]
@@ -93,16 +94,17 @@ def test_checkpointing_modes_train_to_the_same_losses_and_resume_across(small_da
 # compile_mode
 
 
-def test_compile_mode_reaches_torch_compile(monkeypatch):
+def test_compile_mode_reaches_torch_compile(monkeypatch, small_data):
     seen = []
     monkeypatch.setattr(apply.torch, "compile", lambda model, mode=None: seen.append(mode) or model)
-    from gptforge.config import DistConfig
-    from gptforge.parallel.distribute import distribute
+    from gptforge.train.builder import build
 
     model = torch.nn.Linear(2, 2)
     assert apply_compile(model, False, "max-autotune") is model and seen == []
     apply_compile(model, True, "default")
-    distribute(model, DistConfig(), World(), torch.device("cpu"), compile=True, compile_mode="reduce-overhead")
+    cfg = load_config(None, [*TINY, f"data.dir={small_data}", "train.max_steps=1", "train.device=cpu",
+                             "train.compile=true", "train.compile_mode=reduce-overhead"])
+    build(cfg, World()).close()  # the builder compiles what distribute returned, in train.compile_mode
     assert seen == [None, "reduce-overhead"]
     with pytest.raises(ConfigError, match="train.compile_mode"):
         load_config(None, ["train.compile_mode=fast"])

@@ -27,8 +27,8 @@ from gptforge.evaluate.generate import generate
 from gptforge.evaluate.loss import evaluate
 from gptforge.inference import LoadedRun, load_checkpoint
 from gptforge.train import checkpoint
-from gptforge.train.loop import resolve_data
-from gptforge.train.precision import pick_device, resolve_precision
+from gptforge.runtime import pick_device, resolve_precision, synchronize
+from gptforge.train.builder import resolve_data
 
 PROMPT = "import os\n\n\ndef main("
 FIELDS = ("name", "checkpoint", "step", "device", "disk_bytes", "params", "linear_bytes", "val_loss", "val_bpb",
@@ -95,10 +95,10 @@ def _tokens_per_s(run: LoadedRun, tokens: int, device: torch.device, repeats: in
     generate(run.model, ids, 8, temperature=0)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         generate(run.model, ids, tokens, temperature=0)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return tokens / best
 
@@ -113,10 +113,6 @@ def _num_params(model: nn.Module) -> int:
 def _tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_memory(device: torch.device) -> None:

@@ -85,16 +85,16 @@ class DeviceInfo:
 
 
 def device_info(device: torch.device) -> DeviceInfo:
-    from gptforge.observe.doctor import _version_of, probe_fused_adamw, torchao_float8
+    from gptforge.observe.doctor import probe_fused_adamw
     from gptforge.observe.hardware import device_name
-    from gptforge.train.precision import cpu_has_native_bf16
+    from gptforge.runtime import capabilities
 
+    caps = capabilities(device)  # the probe precision and the fp8 check read too
     if device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        return DeviceInfo("cuda", device_name(device), cap, native_bf16=cap >= (8, 0),
-                          torchao=torchao_float8() is not None, triton_runs=_version_of("triton") is not None)
+        return DeviceInfo("cuda", device_name(device), caps.cuda_capability, native_bf16=caps.native_bf16,
+                          torchao=caps.torchao_float8 is not None, triton_runs=caps.triton is not None)
     compiler = any(shutil.which(c) for c in ("c++", "g++", "clang++", "cc", "gcc", "clang"))
-    return DeviceInfo(device.type, device_name(device), None, native_bf16=cpu_has_native_bf16(),
+    return DeviceInfo(device.type, device_name(device), None, native_bf16=caps.native_bf16,
                       fused_adamw_cpu=probe_fused_adamw()["cpu"], compiler=compiler)
 
 
@@ -158,7 +158,7 @@ def ablate(overrides: list[str], steps: int = 5, warmup: int = 2, skip: tuple[st
     """Climb the ladder on the device train.device picks; return every rung's record and the summary."""
     from gptforge.config import load_config
     from gptforge.observe.environment import environment
-    from gptforge.train.precision import pick_device
+    from gptforge.runtime import pick_device
 
     unknown = [s for s in skip if s not in RUNG_NAMES]
     if unknown:

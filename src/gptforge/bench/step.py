@@ -1,12 +1,12 @@
 """`gptforge bench`: the real training step (data, forward, backward, optimizer), timed after a warm-up.
 
-Built from the same pieces as `gptforge train` (model, distribute, optimizer, loader, Stepper), so the
-number is the step users get, not a kernel in isolation. Reports the median of the timed steps.
+Built by the one builder `gptforge train` uses (train/builder.py: the model with every technique,
+distribute, compile, optimizer, loader, Stepper), so the number is the step users get, not a kernel in
+isolation. Reports the median of the timed steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -15,28 +15,15 @@ from typing import Any
 
 import torch
 
-from gptforge.config import Config, validate
-from gptforge.data.loader import Layout, TokenLoader
+from gptforge.config import Config
 from gptforge.model.flops import flops_per_token, num_params
-from gptforge.model.gpt import GPT
-from gptforge.observe import console
 from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import datasheet_peak, measured_peak
 from gptforge.observe.phases import PHASES, PhaseTimer
-from gptforge.parallel.apply import apply_train_switches, check_fp8
-from gptforge.parallel.distribute import distribute
 from gptforge.parallel.world import World, running_world
-from gptforge.train import rng
-from gptforge.train.batch_finder import resolve_batch_size
-from gptforge.train.loop import Stepper, apply_train_kernels, peak_memory_gb, resolve_data, training_device
-from gptforge.train.optim import build_optimizer
-from gptforge.train.precision import resolve_precision
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from gptforge.runtime import peak_memory_gb, synchronize
+from gptforge.train.builder import build
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
@@ -47,7 +34,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
             meter = None
             for i in range(warmup + steps):
                 if i == warmup:  # energy of the timed steps only
-                    _sync(rig.device)
+                    synchronize(rig.device)
                     meter = energy_meter(rig.device)
                 rig.step(timed=i >= warmup)
         finally:
@@ -61,35 +48,16 @@ class StepRig:
     steps of several configurations in one process."""
 
     def __init__(self, cfg: Config, world: World):
-        validate(cfg, world.world_size)
-        if cfg.train.fp8:  # before any data work
-            check_fp8(training_device(cfg, world))
-        data = resolve_data(cfg)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
-        device = training_device(cfg, world)
-        precision = resolve_precision(cfg.train.precision, device)
-        rng.seed_everything(cfg.run.seed)
-        raw_model = GPT(cfg.model)
-        apply_train_kernels(raw_model, cfg)
-        raw_model.to(device)
-        apply_train_switches(raw_model, cfg.train, device)  # fp8, activation checkpointing: before distribute
-        cfg = resolve_batch_size(cfg, raw_model, precision, device, world, report=console.printer(world.is_main))
-        model, self.comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile,
-                                      compile_mode=cfg.train.compile_mode)
-        optimizer = build_optimizer(raw_model, cfg.train, device.type)
-        self.stepper = Stepper(model, raw_model, optimizer, precision.grad_scaler(), precision, world, cfg, [])
-        self.stepper.phases = PhaseTimer(device)
-        accum = cfg.grad_accum_steps(world.world_size)
-        layout = Layout(cfg.model.block_size, cfg.train.batch_size, accum, world.rank, world.world_size)
-        self.loader = TokenLoader(data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
-                                  prefetch=cfg.data.prefetch)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        self.cfg, self.world, self.device, self.precision = cfg, world, device, precision
+        t = build(cfg, world)  # a fresh model: never a run directory's checkpoint
+        self.trainee, self.stepper, self.loader, self.comm = t, t.stepper, t.loader, t.comm
+        self.stepper.phases = PhaseTimer(t.device)
+        if t.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(t.device)
+        self.cfg, self.world, self.device, self.precision = t.cfg, world, t.device, t.precision
         self.steps_run = 0
         self.step_s: list[float] = []
         self.split_s: dict[str, list[float]] = {"data": [], **{phase: [] for phase in PHASES}}
-        model.train()
+        t.model.train()
 
     def step(self, timed: bool = True) -> float:
         """One optimizer step; its wall seconds, kept (with its split) when `timed`."""
@@ -99,7 +67,7 @@ class StepRig:
         t1 = time.perf_counter()
         self.steps_run += 1
         self.stepper.step(batches, 1.0, self.steps_run)  # lr_scale 1: every group at its peak (base_lr)
-        _sync(self.device)
+        synchronize(self.device)
         seconds = time.perf_counter() - t0
         if timed:
             self.step_s.append(seconds)
@@ -109,7 +77,7 @@ class StepRig:
         return seconds
 
     def close(self) -> None:
-        self.loader.close()
+        self.trainee.close()
 
     def record(self, meter=None) -> dict[str, Any]:
         """The bench record of the timed steps so far (energy from `meter`, when one was started)."""

@@ -243,7 +243,7 @@ def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bias(args: argparse.Namespace) -> int:
     """`gptforge eval RUN_DIR --bias`: the report as a table, or as one JSON object with --json."""
     from gptforge.inference import load_checkpoint
-    from gptforge.train.precision import pick_device
+    from gptforge.runtime import pick_device
 
     templates = load_templates(args.templates)  # a bad file fails before the model loads
     device = pick_device(args.device)

@@ -103,3 +103,20 @@ def generate(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: i
     """The new token ids after prompt_ids (eot_id included when sampling stopped at it); see stream()."""
     return list(stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, eot_id=eot_id, use_cache=use_cache))
+
+
+def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:
+    """Unconditional samples (each starts right after an end-of-text token) or continuations of `prompt`,
+    through the default output safety filter (masking)."""
+    from gptforge.evaluate.safety import SafetyFilter
+
+    safety = SafetyFilter.from_file()
+    was_training = model.training
+    model.eval()
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    texts = []
+    for i in range(n):
+        new = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed + i, eot_id=tokenizer.eot_id)
+        texts.append(safety.apply(prompt + tokenizer.decode(new))[0])
+    model.train(was_training)
+    return texts

@@ -232,7 +232,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """`gptforge inspect`: print the tables; with --out, write the maps and the JSON too."""
     from gptforge.inference import load_checkpoint
-    from gptforge.train.precision import pick_device
+    from gptforge.runtime import pick_device
 
     if args.out:
         _pyplot()  # fail before loading the model, not after

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from gptforge.train.precision import Precision
+from gptforge.runtime import Precision
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from gptforge.runtime import synchronize, torchao_float8
+
 FIVE_MINUTES_S = 300.0
 ASSUMED_MFU = 0.5  # fraction of the fp32 matmul rate a training step reaches, when no step was measured
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -38,7 +40,7 @@ COMPILE_TIMEOUT_S = 240
 
 def probe_cpu() -> dict[str, Any]:
     from gptforge.observe.hardware import device_name
-    from gptforge.train.precision import cpu_has_native_bf16
+    from gptforge.runtime import cpu_has_native_bf16
 
     flags: set[str] = set()
     try:
@@ -97,18 +99,6 @@ def probe_distributed() -> dict[str, Any]:
         "nccl": bool(available and dist.is_nccl_available()),
         "gloo": bool(available and dist.is_gloo_available()),
     }
-
-
-def torchao_float8() -> str | None:
-    """The torchao version when its float8 training module imports (what train.fp8 uses), else None."""
-    version = _version_of("torchao")
-    if version is None:
-        return None
-    try:
-        import torchao.float8  # noqa: F401
-    except Exception:  # an old or broken torchao cannot run train.fp8
-        return None
-    return version
 
 
 def probe_fp8(cuda: dict[str, Any]) -> dict[str, Any]:
@@ -272,12 +262,12 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int, budget_s: float)
 
 def _best_rate(fn, work: float, device: torch.device, budget_s: float) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     best, spent = 0.0, 0.0
     while spent < budget_s or best == 0.0:
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         took = time.perf_counter() - start
         spent += took
         best = max(best, work / max(took, 1e-9))
@@ -285,47 +275,49 @@ def _best_rate(fn, work: float, device: torch.device, budget_s: float) -> float:
 
 
 def measure_train_step(device: torch.device, precision: str, quick: bool) -> dict[str, Any] | None:
-    """One real training step (forward, backward, AdamW) of the default model on random tokens, timed
-    after a warm-up step: the rate training reaches here, without needing any data."""
+    """Real training steps of the default model (what `gptforge train` builds, through the same builder:
+    optimizer, gradient scaler, Stepper) on random tokens, timed after a warm-up step: the rate training
+    reaches here, without needing any prepared data."""
     if quick:
         return None
-    from gptforge.config import ModelConfig
+    import tempfile
+
+    import numpy as np
+
+    from gptforge.config import load_config
+    from gptforge.data.prepare import DataDir
+    from gptforge.data.shards import read_header, write_shard
     from gptforge.model.flops import flops_per_token
-    from gptforge.model.gpt import GPT
-    from gptforge.train.optim import build_optimizer
-    from gptforge.config import TrainConfig
-    from gptforge.train.precision import Precision
+    from gptforge.parallel.world import World
+    from gptforge.train.builder import build
 
-    cfg = ModelConfig()  # the default model: what `gptforge train` trains
-    batch = 16
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    optimizer = build_optimizer(model, TrainConfig(), device.type)
-    autocast = Precision(precision, device.type).autocast
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
-
-    def step() -> None:
-        with autocast():
-            loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    times = []
-    for i in range(3):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    tokens_per_sec = batch * cfg.block_size / min(times)
+    cfg = load_config(None, [f"train.device={device}", f"train.precision={precision}", "train.batch_size=16",
+                             "data.prefetch=0"])
+    vocab, tokens = cfg.data.vocab_size, 16 * (cfg.model.block_size + 1) * 4
+    with tempfile.TemporaryDirectory() as folder:
+        shard = Path(folder) / "train_000000.bin"
+        write_shard(shard, np.random.default_rng(0).integers(0, vocab, tokens), vocab)
+        data = DataDir(Path(folder), [read_header(shard)], [], None, vocab, None)
+        t = build(cfg, World(), data=data, report=lambda msg: None)
+        try:
+            times = []
+            for i in range(3):
+                start = time.perf_counter()
+                t.stepper.step(t.loader.next_step(), 1.0, i + 1)
+                synchronize(t.device)
+                if i:
+                    times.append(time.perf_counter() - start)
+        finally:
+            t.close()
+    m = t.cfg.model
     return {
-        "model": f"{cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}, vocab {cfg.vocab_size}",
-        "batch_size": batch,
-        "precision": precision,
+        "model": f"{m.n_layer} x {m.n_embd}, {m.n_head} heads, context {m.block_size}, vocab {m.vocab_size}",
+        "batch_size": t.cfg.train.batch_size,
+        "precision": t.precision.name,
+        "optimizer": t.cfg.train.optimizer,
         "step_s": min(times),
-        "tokens_per_sec": tokens_per_sec,
-        "flops_per_token": flops_per_token(cfg),
+        "tokens_per_sec": t.cfg.tokens_per_step() / min(times),
+        "flops_per_token": flops_per_token(m),
     }
 
 
@@ -629,12 +621,6 @@ def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _fmt_flops(value: float | None) -> str:

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from gptforge.runtime import synchronize
+
 # Dense (no sparsity) datasheet peaks in FLOP/s, by the precision the matmuls run in.
 DATASHEET: dict[str, dict[str, float]] = {
     "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
@@ -54,13 +56,13 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     torch.mm(a, b)
-    _sync(device)
+    synchronize(device)
     best = 0.0
     for _ in range(trials):
         start = time.perf_counter()
         torch.mm(a, b)
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         best = max(best, 4 * n**3 / (time.perf_counter() - start))
     return best
 
@@ -110,9 +112,3 @@ def _remember_best(key: str, value: float) -> float:
             pass
     return best
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()

@@ -50,6 +50,7 @@ class MetricsLog:
             self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def truncate_after(run_dir: str | Path, step: int) -> int:

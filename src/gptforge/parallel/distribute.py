@@ -30,7 +30,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptforge.config import DistConfig
 from gptforge.errors import ConfigError
-from gptforge.parallel.apply import apply_compile
 from gptforge.parallel.world import World
 
 try:  # torch >= 2.6
@@ -53,23 +52,20 @@ class CommStats:
         return self.uncompressed_bytes / self.bytes_per_step if self.bytes_per_step else 1.0
 
 
-def distribute(
-    model: nn.Module, cfg: DistConfig, world: World, device: torch.device, compile: bool = False,
-    compile_mode: str | None = None,
-) -> tuple[nn.Module, CommStats | None]:
-    """The module to call for training: `model` compiled if asked (torch.compile mode `compile_mode`), then
-    wrapped (DDP) or sharded (FSDP2) for `world`. A single process gets it back unwrapped. `model` itself
-    stays the module to save."""
+def distribute(model: nn.Module, cfg: DistConfig, world: World, device: torch.device) -> tuple[nn.Module, CommStats | None]:
+    """The module to call for training: `model` wrapped (DDP) or sharded (FSDP2) for `world`. A single
+    process gets it back as it is. `model` itself stays the module to save. Compile after this (torch.compile
+    of the DDP wrapper, or of the sharded module, as PyTorch recommends)."""
     if not world.distributed:
-        return apply_compile(model, compile, compile_mode), None
+        return model, None
     if cfg.strategy == "ddp":
-        wrapped = DDP(apply_compile(model, compile, compile_mode), device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         return wrapped, _register_compression(wrapped, cfg, world)
     mesh = _mesh(cfg, world, device)
     for block in model.transformer.h:  # one all-gather per block, overlapped with the previous block's compute
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return apply_compile(model, compile, compile_mode), None
+    return model, None
 
 
 def _mesh(cfg: DistConfig, world: World, device: torch.device):

@@ -6,8 +6,8 @@ sweep stops early once the smoothed loss exceeds 4x the best so far (it diverged
 the curve: the rate where the smoothed loss falls fastest (steepest descent against log lr), and a
 conservative one, a tenth of the rate at the lowest loss.
 
-The sweep is built from the same pieces as `gptforge train` (model, precision, build_optimizer, loader,
-Stepper), so it measures the optimizer users train with. The rate swept is train.lr; every parameter group
+The sweep steps what the one builder (train/builder.py) builds for `gptforge train`: the same model with
+every technique, optimizer, loader and Stepper, so it measures the optimizer users train with. The rate swept is train.lr; every parameter group
 follows it the way it follows the schedule in training (with train.optimizer=muon the hidden matrices' rate
 train.muon_lr is scaled by the same multiplier), so the suggestion is a value of train.lr.
 """
@@ -15,35 +15,22 @@ train.muon_lr is scaled by the same multiplier), so the suggestion is a value of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from gptforge.config import Config, load_config, validate
-from gptforge.data.loader import Layout, TokenLoader
+from gptforge.config import Config, load_config
+from gptforge.data.loader import TokenLoader
 from gptforge.errors import GptforgeError
 from gptforge.fileio import atomic_write_text
-from gptforge.model.gpt import GPT
 from gptforge.observe.environment import environment
-from gptforge.parallel.distribute import distribute
 from gptforge.parallel.world import World, running_world
-from gptforge.train import rng
-from gptforge.train.loop import (
-    Stepper,
-    _apply_adapters,
-    _init_source,
-    _sparsity_masks,
-    apply_train_kernels,
-    resolve_data,
-    training_device,
-)
-from gptforge.train.optim import build_optimizer
-from gptforge.train.precision import resolve_precision
+from gptforge.train.builder import build
+from gptforge.train.optim import OPTIMIZERS
+from gptforge.train.step import Stepper
 
 DIVERGE_FACTOR = 4.0  # the sweep stops once the smoothed loss exceeds this many times its best
 
@@ -91,21 +78,6 @@ def _check_args(cfg: Config, min_lr: float, max_lr: float, steps: int) -> None:
         raise GptforgeError("lr-find needs a number for train.batch_size (not auto), e.g. train.batch_size=16")
 
 
-def _build_model(cfg: Config, data, device: torch.device) -> tuple[Config, GPT]:
-    """A fresh model as train() builds it: the data's vocabulary, or the weights of train.init_from."""
-    source = _init_source(cfg, data) if cfg.train.init_from else None
-    model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
-        dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    rng.seed_everything(cfg.run.seed)
-    model = GPT(cfg.model)
-    if source:
-        model.load_state_dict(source.model.state_dict())
-    _apply_adapters(model, cfg)
-    apply_train_kernels(model, cfg)
-    return cfg, model.to(device)
-
-
 def lr_find(cfg: Config, min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100,
             report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the range test on the run `cfg` describes; returns the record written to lr_find.json."""
@@ -116,29 +88,20 @@ def lr_find(cfg: Config, min_lr: float = 1e-5, max_lr: float = 10.0, steps: int 
 
 def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int,
              report: Callable[[str], None]) -> dict[str, Any]:
-    validate(cfg, world.world_size)
-    data = resolve_data(cfg)
-    device = training_device(cfg, world)
-    precision = resolve_precision(cfg.train.precision, device)
-    cfg, raw_model = _build_model(cfg, data, device)
-    model, _ = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile)
-    optimizer = build_optimizer(raw_model, cfg.train, device.type)
-    masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
-    stepper = Stepper(model, raw_model, optimizer, precision.grad_scaler(), precision, world, cfg, masks)
-    layout = Layout(cfg.model.block_size, cfg.train.batch_size, cfg.grad_accum_steps(world.world_size),
-                    world.rank, world.world_size)
-    loader = TokenLoader(data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
-                         prefetch=cfg.data.prefetch)
+    t = build(cfg, world, report=report)  # a fresh model (or train.init_from's), never a run to resume
     planned = lr_sweep(min_lr, max_lr, steps)
     beta = smoothing_beta(steps)
-    losses, smoothed, diverged = _sweep(stepper, loader, planned, cfg.train.lr, beta, report)
+    try:
+        losses, smoothed, diverged = _sweep(t.stepper, t.loader, planned, t.cfg.train.lr, beta, report)
+    finally:
+        t.close()
     lrs = planned[: len(losses)]
     return {
-        **environment(device, precision.name, world.world_size),
+        **environment(t.device, t.precision.name, world.world_size),
         "min_lr": min_lr, "max_lr": max_lr, "steps": steps, "beta": beta, "diverged": diverged,
         "lrs": lrs, "losses": [_finite(v) for v in losses], "smoothed": [_finite(v) for v in smoothed],
-        "suggestion": _suggestion(cfg, lrs, smoothed),
-        "config": cfg.to_dict(),
+        "suggestion": _suggestion(t.cfg, lrs, smoothed),
+        "config": t.cfg.to_dict(),
     }
 
 
@@ -148,29 +111,27 @@ def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: flo
     Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / train.lr."""
     losses, smoothed, best = [], [], math.inf
     stepper.model.train()
-    try:
-        for i, lr in enumerate(lrs):
-            loss, _, _ = stepper.step(loader.next_step(), lr / base_lr, i + 1)
-            losses.append(loss)
-            smoothed = smooth(losses, beta)
-            if (i + 1) % 10 == 0:
-                report(f"step {i + 1:>4} | lr {lr:.2e} | loss {loss:.4f} | smoothed {smoothed[-1]:.4f}")
-            if not math.isfinite(smoothed[-1]) or smoothed[-1] > DIVERGE_FACTOR * best:
-                report(f"step {i + 1:>4} | lr {lr:.2e} | loss diverged (smoothed {smoothed[-1]:.4g}, "
-                       f"best {best:.4g}); stopping")
-                return losses, smoothed, True
-            best = min(best, smoothed[-1])
-    finally:
-        loader.close()
+    for i, lr in enumerate(lrs):
+        loss, _, _ = stepper.step(loader.next_step(), lr / base_lr, i + 1)
+        losses.append(loss)
+        smoothed = smooth(losses, beta)
+        if (i + 1) % 10 == 0:
+            report(f"step {i + 1:>4} | lr {lr:.2e} | loss {loss:.4f} | smoothed {smoothed[-1]:.4f}")
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > DIVERGE_FACTOR * best:
+            report(f"step {i + 1:>4} | lr {lr:.2e} | loss diverged (smoothed {smoothed[-1]:.4g}, "
+                   f"best {best:.4g}); stopping")
+            return losses, smoothed, True
+        best = min(best, smoothed[-1])
     return losses, smoothed, False
 
 
 def _suggestion(cfg: Config, lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
-    """suggest(), plus the config key to set and, for muon, the matching train.muon_lr."""
+    """suggest(), plus the config key to set and the rates that follow it under the run's optimizer (muon:
+    train.muon_lr, scaled by the same multiplier in the sweep)."""
     found = {**suggest(lrs, smoothed), "key": "train.lr"}
-    if cfg.train.optimizer == "muon":
-        scale = cfg.train.muon_lr / cfg.train.lr
-        found["muon_lr"] = {"steepest": found["steepest"] * scale, "conservative": found["conservative"] * scale}
+    follows = OPTIMIZERS[cfg.train.optimizer].follows_lr(cfg.train)
+    found["follows"] = {key: {"steepest": found["steepest"] * ratio, "conservative": found["conservative"] * ratio}
+                        for key, ratio in follows.items()}
     return found
 
 
@@ -226,13 +187,13 @@ def summary(record: dict[str, Any]) -> list[str]:
     lines = [f"lr-find: {len(lrs)} of {record['steps']} steps, {s['key']} {lrs[0]:.2e} .. {lrs[-1]:.2e} ({end})"]
     if not s["loss_fell"]:
         lines.append("the loss never fell below its first value: lower --min-lr (or check the data)")
-    muon = s.get("muon_lr")
+    follows = s.get("follows", {})
     for name, label in (("steepest", "steepest descent"), ("conservative", "min loss / 10   ")):
-        extra = f" train.muon_lr={muon[name]:.2e}" if muon else ""
+        extra = "".join(f" {key}={rates[name]:.2e}" for key, rates in follows.items())
         lines.append(f"  {label}  {s['key']}={s[name]:.2e}{extra}")
     lines.append(f"  (lowest smoothed loss {s['min_loss']:.4f} at {s['min_loss_lr']:.2e})")
     lines.append(f"set it with {s['key']}=VALUE, e.g. gptforge train {s['key']}={s['steepest']:.2e}"
-                 + (" (muon rates scale with it)" if muon else ""))
+                 + (f" ({', '.join(follows)} scale with it)" if follows else ""))
     return lines
 
 

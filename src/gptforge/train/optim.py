@@ -1,4 +1,4 @@
-"""Optimizers, chosen by train.optimizer, and their parameter groups.
+"""Optimizers, chosen by train.optimizer from the OPTIMIZERS registry, and their parameter groups.
 
     adamw  AdamW with decay / no-decay groups: weight decay on matrices, none on norms, biases, embeddings.
     muon   Muon (train/muon.py) for the 2-D matrices inside the transformer blocks, at train.muon_lr; AdamW at
@@ -8,14 +8,21 @@
 Every group carries its own peak rate, `base_lr`; the loop sets lr = base_lr x the schedule's multiplier.
 The configured rates win over those saved in a checkpoint (as train.lr always has), so a resumed run may
 change them; see keep_base_lrs.
+
+A new optimizer is one module and one OPTIMIZERS entry: how to build it, the config keys it owns (so they
+can be told apart from keys that do nothing under another choice), the search space `gptforge tune` tries
+for it, and the rates that follow a train.lr suggested by `gptforge lr-find`. `cfg` below is the train
+section of the config (only its attributes are read, so this module imports no config).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
-from gptforge.config import TrainConfig
 from gptforge.train.muon import Muon
 
 
@@ -38,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def muon_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def muon_param_groups(model: nn.Module, cfg) -> list[dict]:
     """One Muon group (hidden matrices) and AdamW decay / no-decay groups (everything else).
 
     A hidden matrix is a 2-D parameter that is neither an embedding nor the output head (`lm_head`); with
@@ -65,16 +72,44 @@ def muon_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW or Muon, per train.optimizer. With train.fused_optimizer, AdamW runs torch's fused kernel on GPUs
-    and CPUs (one pass over all parameters: on a 2-core CPU, 11 ms instead of 32 ms per step for 17M
-    parameters)."""
-    if cfg.optimizer == "muon":
-        optimizer = Muon(muon_param_groups(model, cfg))
-    else:
-        groups = [{**g, "base_lr": cfg.lr} for g in param_groups(model, cfg.weight_decay)]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                      fused=cfg.fused_optimizer and device_type in ("cuda", "cpu"))
+def _adamw(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """AdamW; with train.fused_optimizer torch's fused kernel on GPUs and CPUs (one pass over all parameters:
+    on a 2-core CPU, 11 ms instead of 32 ms per step for 17M parameters)."""
+    groups = [{**g, "base_lr": cfg.lr} for g in param_groups(model, cfg.weight_decay)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=cfg.fused_optimizer and device_type in ("cuda", "cpu"))
+
+
+def _muon(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    return Muon(muon_param_groups(model, cfg))
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One choice of train.optimizer."""
+
+    build: Callable[[nn.Module, Any, str], torch.optim.Optimizer]  # (model, train section, device type)
+    keys: tuple[str, ...] = ()  # train.* keys that only this optimizer reads
+    # `gptforge tune`'s default ranges for its own keys: (key, low / value, high / value), log-uniform.
+    tune_ranges: tuple[tuple[str, float, float], ...] = ()
+    # Rates that follow train.lr when `gptforge lr-find` suggests one: key -> its value / train.lr.
+    follows_lr: Callable[[Any], dict[str, float]] = field(default=lambda cfg: {})
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry(_adamw, keys=("train.fused_optimizer",)),
+    "muon": OptimizerEntry(
+        _muon,
+        keys=("train.muon_lr", "train.muon_momentum", "train.muon_ns_steps"),
+        tune_ranges=(("train.muon_lr", 1 / 5, 5.0),),
+        follows_lr=lambda cfg: {"train.muon_lr": cfg.muon_lr / cfg.lr},
+    ),
+}
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer train.optimizer names, over the model's trainable parameters."""
+    optimizer = OPTIMIZERS[cfg.optimizer].build(model, cfg, device_type)
     keep_base_lrs(optimizer)
     return optimizer
 

@@ -1,12 +1,13 @@
-"""Techniques applied to a built model from outside it (the model file knows nothing of them).
+"""Compute and memory techniques applied to a built model from outside it (the model file knows nothing of them).
 
     compile                  torch.compile, with train.compile_mode.
     activation checkpointing recompute transformer blocks in the backward pass instead of keeping their
                              activations (train.activation_checkpointing).
     fp8                      torchao's float8 training linear layers (train.fp8), on Hopper / Ada GPUs.
 
-Order, as torchtitan does it: fp8 -> activation checkpointing -> (distribute: DDP / fully_shard) -> compile.
-None of them renames a parameter: checkpoints load into a model with or without them.
+The builder (train/builder.py) applies them in torchtitan's order: fp8 -> activation checkpointing ->
+(distribute: DDP / fully_shard) -> compile. None of them renames a parameter: checkpoints load into a model
+with or without them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gptforge.errors import ConfigError
-
-FP8_INSTALL = "pip install 'gptforge[fp8]'"
+from gptforge.runtime import FP8_INSTALL, check_fp8
 
 
 def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> nn.Module:
@@ -91,23 +91,6 @@ def is_checkpointed(module: nn.Module) -> bool:
 # fp8
 
 
-def check_fp8(device: torch.device) -> None:
-    """Raise a ConfigError unless train.fp8 can run here: torchao installed, a CUDA device of compute
-    capability 8.9 or newer (Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores)."""
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
-    if device.type != "cuda":
-        raise ConfigError(f"train.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise ConfigError(
-            f"train.fp8=true: this GPU is sm_{major}{minor}; fp8 needs Hopper/Ada (sm_89+). "
-            "Use train.precision=bf16 instead"
-        )
-
-
 def fp8_eligible(module: nn.Module, fqn: str) -> bool:
     """Which linear layers become fp8: not the output head (its logits need the precision, and with tied
     embeddings it is the embedding matrix), and only those whose both dimensions are multiples of 16 (the
@@ -129,14 +112,3 @@ def apply_fp8(model: nn.Module, device: torch.device | None = None) -> nn.Module
     except ImportError:
         raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
     return convert_to_float8_training(model, module_filter_fn=fp8_eligible)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def apply_train_switches(model: nn.Module, train, device: torch.device) -> nn.Module:
-    """train.fp8, then train.activation_checkpointing (a TrainConfig's), on the built model on its device;
-    call before distribute(), which compiles."""
-    if train.fp8:
-        apply_fp8(model, device)
-    return apply_activation_checkpointing(model, train.activation_checkpointing)
