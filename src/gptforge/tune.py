@@ -47,7 +47,8 @@ Default search space (around your config's values):
   train.weight_decay  uniform, 0 .. 0.2
   model.dropout       uniform, 0 .. 0.2
   train.warmup_steps  integer, 0 .. train.max_steps / 4 (without max_steps: 0 .. 2 x train.warmup_steps)
-  train.muon_lr       log-uniform, train.muon_lr / 5 .. train.muon_lr x 5 (train.optimizer=muon only)
+  train.muon_lr       log-uniform, train.muon_lr / 5 .. train.muon_lr x 5 (train.optimizer=muon only:
+                      each optimizer adds the ranges of its own keys)
 
 --space FILE replaces it with a YAML mapping of config keys, each a range or a list of choices:
   train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
@@ -122,8 +123,11 @@ def default_space(cfg: Config) -> dict[str, Param]:
         Param("model.dropout", 0.0, 0.2),
         Param("train.warmup_steps", 0, max(1, warmup_high), kind="int"),
     ]
-    if t.optimizer == "muon":
-        space.append(Param("train.muon_lr", t.muon_lr / 5, t.muon_lr * 5, log=True))
+    from gptforge.train.optim import OPTIMIZERS
+
+    for key, low, high in OPTIMIZERS[t.optimizer].tune_ranges:  # the optimizer's own keys, around their values
+        value = getattr(t, key.split(".", 1)[1])
+        space.append(Param(key, value * low, value * high, log=True))
     return {p.key: p for p in space}
 
 
