@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.templates:
         raise GptforgeError("--templates belongs to --bias: gptforge eval RUN_DIR --bias --templates FILE")
     from gptforge.data.loader import val_batches
-    from gptforge.data.prepare import load_data_dir
+    from gptforge.data.datadir import load_data_dir
     from gptforge.evaluate.loss import evaluate
     from gptforge.inference import load_checkpoint
     from gptforge.train.loop import resolve_data

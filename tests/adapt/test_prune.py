@@ -9,7 +9,7 @@ import gptforge
 from gptforge.adapt.prune import has_2_4_pattern, magnitude_mask, prune_model, prune_run, to_semi_structured
 from gptforge.adapt.quantize import block_linears, quantize_run
 from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir
+from gptforge.data.datadir import load_data_dir
 from gptforge.errors import GptforgeError
 from gptforge.inference import load_checkpoint
 from gptforge.model.gpt import GPT, GPTConfig

@@ -20,7 +20,7 @@ from gptforge.adapt.quantize import (
 )
 from gptforge.cli import main
 from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir
+from gptforge.data.datadir import load_data_dir
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.checkpoint import save_weights

@@ -6,8 +6,8 @@ import torch
 
 from gptforge.config import load_config
 from gptforge.data.augment import Augmenter, delete_spans, token_noise
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import load_data_dir
 from gptforge.errors import ConfigError
 from gptforge.evaluate.loss import evaluate
 from gptforge.inference import load_checkpoint

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 import gptforge
 from gptforge.cli import main
 from gptforge.config import load_config
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import load_data_dir
 from gptforge.evaluate.loss import evaluate
 from gptforge.inference import load_checkpoint
 from gptforge.observe.metrics import read_metrics

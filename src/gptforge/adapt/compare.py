@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from gptforge.adapt.quantize import QuantLinear, linear_bytes
+from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import DataDir, load_data_dir
 from gptforge.errors import GptforgeError
 from gptforge.evaluate.generate import generate
 from gptforge.evaluate.loss import evaluate

@@ -27,8 +27,8 @@ import torch
 from gptforge import __version__
 from gptforge.config import Config, save_config, validate
 from gptforge.data.augment import Augmenter
+from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.data.loader import Layout, TokenLoader, val_batches
-from gptforge.data.prepare import DataDir, load_data_dir
 from gptforge.errors import CheckpointError, GptforgeError
 from gptforge.evaluate.loss import evaluate
 from gptforge.fileio import atomic_write_text
@@ -83,7 +83,7 @@ def resolve_data(cfg: Config) -> DataDir:
     """The prepared data of a run: data.dir, or the built-in corpus prepared once into the cache."""
     if cfg.data.dir:
         return load_data_dir(cfg.data.dir, verify_sha256=cfg.data.verify)
-    from gptforge.data.corpus import builtin_data_dir
+    from gptforge.data.prepare import builtin_data_dir
 
     path = builtin_data_dir(cfg.data.tokenizer, cfg.data.vocab_size, progress=console.is_tty())
     return load_data_dir(path, verify_sha256=cfg.data.verify)
