@@ -25,7 +25,7 @@ from gptforge.data.loader import val_batches
 from gptforge.errors import GptforgeError
 from gptforge.evaluate.generate import generate
 from gptforge.evaluate.loss import evaluate
-from gptforge.inference import LoadedRun, load_checkpoint
+from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
 from gptforge.train.loop import resolve_data
 from gptforge.train.precision import pick_device, resolve_precision
@@ -48,7 +48,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
     rows, batches, dataset = [], {}, None
     for path, ckpt in zip(paths, checkpoints):
         _reset_memory(device)
-        run = load_checkpoint(ckpt, device, report=report)
+        run = load_run(ckpt, device, report=report)
         if dataset is None:
             dataset = load_data_dir(data) if data else resolve_data(run.config)
             eval_tokens = eval_tokens or run.config.train.eval_tokens

@@ -13,7 +13,7 @@ the logits.
           it spends all 16 levels on the group's actual range. Two codes share a byte: column 2j in the low nibble, 2j + 1 in the high one.
 
 A quantized run is a weights-only run whose state.json carries the spec {"method", "group_size", "modules"};
-`gptforge.inference.load_checkpoint` calls `build_quantized` with it before loading the weights, so
+`gptforge.runs.load_run` calls `build_quantized` with it before loading the weights, so
 `gptforge.load`, `sample` and `eval` work on it as on any run. torchao is not used: on a CPU with torch 2.13,
 torchao 0.18's int4 weight-only path needs the separate `mslk` kernel package, and plain PyTorch covers int8.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.errors import GptforgeError
-from gptforge.inference import LoadedRun, load_checkpoint
+from gptforge.runs import LoadedRun, load_run
 from gptforge.train.checkpoint import save_weights
 
 METHODS = ("int8", "int4")
@@ -285,7 +285,7 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
                  report: Callable[[str], None] = print) -> Path:
     """Quantize the newest checkpoint of `run` into a weights-only run at `out`; returns `out`."""
     run, out = Path(run), Path(out)
-    loaded = load_checkpoint(run, "cpu", report=report)
+    loaded = load_run(run, "cpu", report=report)
     if "quantization" in loaded.state:
         raise GptforgeError(f"{loaded.checkpoint} is already quantized ({loaded.state['quantization']['method']}); "
                             "quantize the full-precision run instead")

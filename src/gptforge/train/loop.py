@@ -111,9 +111,9 @@ def _check_same_run(saved: dict[str, Any], cfg: Config, data: DataDir, run_dir: 
 
 def _init_source(cfg: Config, data: DataDir):
     """The run that train.init_from names: its weights and model section start this one (fine-tuning)."""
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
 
-    source = load_checkpoint(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
+    source = load_run(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
     if "quantization" in source.state:
         raise CheckpointError(
             f"train.init_from={cfg.train.init_from} is quantized; fine-tune the full-precision run "

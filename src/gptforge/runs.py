@@ -1,9 +1,10 @@
-"""Loading a trained run for use: the model in eval mode, its tokenizer and its config."""
+"""Loading a trained run for use: the model in eval mode, its tokenizer, its config and its saved state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,11 +19,15 @@ class LoadedRun:
     model: GPT
     tokenizer: Tokenizer | None
     config: Config
-    checkpoint: Path
-    state: dict
+    checkpoint: Path  # the checkpoint folder the weights came from
+    state: dict  # its state.json
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", report=print) -> LoadedRun:
+def load_run(path: str | Path, device: str | torch.device = "cpu",
+             report: Callable[[str], None] = print) -> LoadedRun:
+    """The newest intact checkpoint of a run directory, or a checkpoint folder, ready for use: quantized
+    layers rebuilt, LoRA adapters merged, sharded weights gathered. `report` hears of damaged checkpoints
+    skipped on the way."""
     ckpt = checkpoint.resolve(path, report=report)
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
@@ -47,8 +52,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", report
     tok_file = ckpt / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
     return LoadedRun(model, tokenizer, cfg, ckpt, state)
-
-
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
-    run = load_checkpoint(path, device)
-    return run.model, run.tokenizer
