@@ -7,7 +7,8 @@ import torch
 
 import gptforge
 from gptforge.adapt.prune import has_2_4_pattern, magnitude_mask, prune_model, prune_run, to_semi_structured
-from gptforge.adapt.quantize import block_linears, quantize_run
+from gptforge.adapt.qlinear import block_linears
+from gptforge.adapt.quantize import quantize_run
 from gptforge.config import load_config
 from gptforge.data.datadir import load_data_dir
 from gptforge.errors import GptforgeError

@@ -9,7 +9,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gptforge.adapt.qat import FakeQuantLinear, apply_qat, remove_qat
-from gptforge.adapt.quantize import Int4Linear, Int8Linear, block_linears, fake_quantize, quantize_model
+from gptforge.adapt.qlinear import Int4Linear, Int8Linear, block_linears, fake_quantize, quantize_model
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, GPTConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptforge.adapt.quantize import QuantLinear, linear_bytes
+from gptforge.adapt.qlinear import QuantLinear, linear_bytes
 from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.data.loader import val_batches
 from gptforge.errors import GptforgeError

@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gptforge.adapt.quantize import block_linears, check_output, output_config, source_info
+from gptforge.adapt.qlinear import block_linears
 from gptforge.config import from_dict
 from gptforge.errors import GptforgeError
-from gptforge.runs import load_run
+from gptforge.runs import check_output, load_run, output_config, source_info
 from gptforge.train.checkpoint import save_weights
 
 PATTERNS = ("unstructured", "2:4")
