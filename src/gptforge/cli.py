@@ -234,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bias_arguments(p)
     p.set_defaults(func=_eval)
 
-    from gptforge.evaluate import inspect
+    from gptforge.evaluate import interpret
 
     p = sub.add_parser("inspect", help="attention maps, logit lens and token attributions for a prompt",
                        formatter_class=raw, description="Look inside a trained model on one prompt: attention "
                        "maps per layer and head (PNG), the logit lens (top tokens after each layer) and token "
                        "attributions (gradient x input).")
-    inspect.add_inspect_arguments(p)
-    p.set_defaults(func=inspect.run_inspect)
+    interpret.add_inspect_arguments(p)
+    p.set_defaults(func=interpret.run_inspect)
 
     p = sub.add_parser("bench", help="time the real training step; --nproc N for a scaling report", formatter_class=raw,
                        epilog="Takes the same config keys as train (see gptforge train --help).",
