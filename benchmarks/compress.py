@@ -28,7 +28,7 @@ from gptforge.adapt.compare import compare, print_table
 from gptforge.adapt.prune import prune_run
 from gptforge.adapt.quantize import quantize_run
 from gptforge.config import from_dict
-from gptforge.inference import load_checkpoint
+from gptforge.runs import load_run
 from gptforge.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def cpu_name() -> str:
 
 def fine_tune(source: Path, out: Path, steps: int) -> None:
     """The dense control: the source run trained `steps` more steps with its own settings."""
-    tree = load_checkpoint(source, report=lambda m: None).config.to_dict()
+    tree = load_run(source, report=lambda m: None).config.to_dict()
     tree["train"].update(init_from=str(source), max_steps=steps, max_tokens=None, max_time=None)
     tree["run"]["dir"] = str(out)
     train(from_dict(tree))
@@ -101,7 +101,7 @@ def main() -> int:
         targets.append({"variant": name, "max_val_loss_change": max_change, "min_linear_ratio": min_ratio,
                         "val_loss_change": row["val_loss_change"], "linear_ratio": row["linear_ratio"], "met": met})
 
-    state = load_checkpoint(base, report=lambda m: None).state
+    state = load_run(base, report=lambda m: None).state
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir, prepare
+from gptforge.data.datadir import load_data_dir
+from gptforge.data.prepare import prepare
 from gptforge.observe.metrics import read_metrics
 from gptforge.train.loop import train
 

@@ -37,7 +37,7 @@ def random_weights_run(data: Path, path: Path, step: int = 0) -> Path:
     import torch
 
     from gptforge.config import load_config
-    from gptforge.data.prepare import load_data_dir
+    from gptforge.data.datadir import load_data_dir
     from gptforge.model.gpt import GPT
     from gptforge.train.checkpoint import save_weights
 

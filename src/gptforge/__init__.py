@@ -11,9 +11,10 @@ def load(path, device: str = "cpu"):
         model, tokenizer = gptforge.load("runs/gpt")
         logits = model(torch.tensor([tokenizer.encode("def f(x):")]))  # (1, T, vocab_size)
     """
-    from gptforge.inference import load_run
+    from gptforge.runs import load_run
 
-    return load_run(path, device=device)
+    run = load_run(path, device)
+    return run.model, run.tokenizer
 
 
 __all__ = ["__version__", "load"]

@@ -49,11 +49,11 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from gptforge.evaluate.generate import generate
     from gptforge.evaluate.safety import safety_from_args
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
     from gptforge.runtime import pick_device
 
     safety = safety_from_args(args)  # a bad lists file fails before the model loads
-    run = load_checkpoint(args.run_dir, pick_device(args.device))
+    run = load_run(args.run_dir, pick_device(args.device))
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn a prompt into tokens")
     tok = run.tokenizer
@@ -82,14 +82,14 @@ def _eval(args: argparse.Namespace) -> int:
     if args.templates:
         raise GptforgeError("--templates belongs to --bias: gptforge eval RUN_DIR --bias --templates FILE")
     from gptforge.data.loader import val_batches
-    from gptforge.data.prepare import load_data_dir
+    from gptforge.data.datadir import load_data_dir
     from gptforge.evaluate.loss import evaluate
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
     from gptforge.train.builder import resolve_data
     from gptforge.runtime import pick_device, resolve_precision
 
     device = pick_device(args.device)
-    run = load_checkpoint(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
     data = load_data_dir(args.data) if args.data else resolve_data(run.config)
     if run.tokenizer is not None and data.tokenizer is not None and run.tokenizer.sha256 != data.tokenizer.sha256:
         raise GptforgeError(f"{data.path} was tokenized with a different tokenizer than the run in {args.run_dir}")
@@ -234,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bias_arguments(p)
     p.set_defaults(func=_eval)
 
-    from gptforge.evaluate import inspect
+    from gptforge.evaluate import interpret
 
     p = sub.add_parser("inspect", help="attention maps, logit lens and token attributions for a prompt",
                        formatter_class=raw, description="Look inside a trained model on one prompt: attention "
                        "maps per layer and head (PNG), the logit lens (top tokens after each layer) and token "
                        "attributions (gradient x input).")
-    inspect.add_inspect_arguments(p)
-    p.set_defaults(func=inspect.run_inspect)
+    interpret.add_inspect_arguments(p)
+    p.set_defaults(func=interpret.run_inspect)
 
     p = sub.add_parser("bench", help="time the real training step; --nproc N for a scaling report", formatter_class=raw,
                        epilog="Takes the same config keys as train (see gptforge train --help).",

@@ -106,12 +106,6 @@ class Param:
             return {"choices": list(self.choices)}
         return {"low": self.low, "high": self.high, "log": self.log, "type": self.kind}
 
-    def describe(self) -> str:
-        if self.choices is not None:
-            return f"{self.key} in {list(self.choices)}"
-        scale = "log " if self.log else ""
-        return f"{self.key} {scale}{self.kind} {self.low:g}..{self.high:g}"
-
 
 def default_space(cfg: Config) -> dict[str, Param]:
     """The default search space, around the config's own values (see TUNE_HELP)."""

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gptforge.adapt.lora import LoRALinear, apply_lora, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from gptforge.adapt.lora import LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from gptforge.config import LoraConfig
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model.gpt import GPT, GPTConfig
@@ -42,7 +42,7 @@ def test_apply_wraps_targets_and_freezes_everything_else():
     layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert names == [f"transformer.h.{i}.{layer}" for i in range(2) for layer in layers]
     assert model.transformer.h[0].attn.c_attn.weight is weight  # the same tensor, not a copy
-    assert not isinstance(model.lm_head, LoRALinear) and has_lora(model)
+    assert not isinstance(model.lm_head, LoRALinear) and isinstance(model.transformer.h[0].attn.c_attn, LoRALinear)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{x}" for n in names for x in "AB"}
     only_mlp = apply_lora(_model(), LoraConfig(rank=2, targets="mlp.c_proj"))
@@ -83,7 +83,7 @@ def test_merge_is_exact_after_training():
         assert (lora_out - base_out).abs().max() > 1e-2  # the adapters learned something to merge
         merge_lora(model)
         merged_out = model(_ids())
-    assert not has_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.transformer.h[1].mlp.c_fc) is nn.Linear
     assert not any("lora" in n for n in model.state_dict())
     assert all(p.requires_grad for p in model.parameters())

@@ -7,12 +7,13 @@ import torch
 
 import gptforge
 from gptforge.adapt.prune import has_2_4_pattern, magnitude_mask, prune_model, prune_run, to_semi_structured
-from gptforge.adapt.quantize import block_linears, quantize_run
+from gptforge.adapt.qlinear import block_linears
+from gptforge.adapt.quantize import quantize_run
 from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir
+from gptforge.data.datadir import load_data_dir
 from gptforge.errors import GptforgeError
-from gptforge.inference import load_checkpoint
 from gptforge.model.gpt import GPT, GPTConfig
+from gptforge.runs import load_run
 from gptforge.train.checkpoint import WEIGHTS_FORMAT, save_weights
 
 quiet = dict(report=lambda m: None)
@@ -72,7 +73,7 @@ def test_2_4_keeps_the_two_largest_of_every_group_of_four():
 
 def test_pruned_run_is_a_weights_only_run_that_loads(run, tmp_path):
     out = prune_run(run, tmp_path / "p", 0.5, "2:4", **quiet)
-    loaded = load_checkpoint(out, **quiet)
+    loaded = load_run(out, **quiet)
     assert loaded.state["format"] == WEIGHTS_FORMAT and loaded.state["pruning"]["pattern"] == "2:4"
     assert loaded.state["source"]["step"] == 7
     model, _ = gptforge.load(out)
@@ -102,9 +103,9 @@ def test_semi_structured_conversion_on_cuda_computes_the_same():
 
 
 def test_recovery_fine_tune_keeps_the_zeros(run, tmp_path):
-    pruned = load_checkpoint(prune_run(run, tmp_path / "pruned", 0.5, "unstructured", **quiet), **quiet).model
+    pruned = load_run(prune_run(run, tmp_path / "pruned", 0.5, "unstructured", **quiet), **quiet).model
     out = prune_run(run, tmp_path / "recovered", 0.5, "unstructured", recover_steps=3, **quiet)
-    recovered = load_checkpoint(out, **quiet)
+    recovered = load_run(out, **quiet)
     assert recovered.state["step"] == 3 and recovered.state["format"] != WEIGHTS_FORMAT
     for name in block_linears(pruned):
         before, after = pruned.get_submodule(name).weight, recovered.model.get_submodule(name).weight

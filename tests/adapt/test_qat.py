@@ -9,11 +9,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gptforge.adapt.qat import FakeQuantLinear, apply_qat, remove_qat
-from gptforge.adapt.quantize import Int4Linear, Int8Linear, block_linears, fake_quantize, quantize_model
+from gptforge.adapt.qlinear import Int4Linear, Int8Linear, block_linears, fake_quantize, quantize_model
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
-from gptforge.inference import load_checkpoint
 from gptforge.model.gpt import GPT, GPTConfig
+from gptforge.runs import load_run
 from gptforge.train.loop import train
 
 
@@ -90,7 +90,7 @@ def test_training_loop_with_train_qat(small_data, tmp_path):
                              "train.eval_tokens=256", "train.eval_every=0", "train.samples=0", "train.qat=int4",
                              "run.tensorboard=false", f"run.dir={tmp_path / 'qat'}"])
     train(cfg)
-    loaded = load_checkpoint(tmp_path / "qat", report=lambda m: None)  # plain nn.Linear names
+    loaded = load_run(tmp_path / "qat", report=lambda m: None)  # plain nn.Linear names
     assert all(type(loaded.model.get_submodule(n)) is nn.Linear for n in block_linears(loaded.model))
 
 

@@ -14,13 +14,14 @@ from conftest import random_weights_run
 
 import gptforge
 from gptforge.adapt.lora import apply_lora, lora_state_dict
-from gptforge.adapt.quantize import (
+from gptforge.adapt.qlinear import (
     Int4Linear, Int8Linear, build_quantized, dequantize_int4, dequantize_int8, linear_bytes, pack_int4,
-    quantize_int4, quantize_int8, quantize_model, quantize_run, unpack_int4,
+    quantize_int4, quantize_int8, quantize_model, unpack_int4,
 )
+from gptforge.adapt.quantize import quantize_run
 from gptforge.cli import main
 from gptforge.config import load_config
-from gptforge.data.prepare import load_data_dir
+from gptforge.data.datadir import load_data_dir
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.checkpoint import save_weights

@@ -6,12 +6,12 @@ import torch
 
 from gptforge.config import load_config
 from gptforge.data.augment import Augmenter, delete_spans, token_noise
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import load_data_dir
 from gptforge.errors import ConfigError
 from gptforge.evaluate.loss import evaluate
-from gptforge.inference import load_checkpoint
 from gptforge.observe.metrics import read_metrics
+from gptforge.runs import load_run
 from gptforge.train.loop import train
 from gptforge.runtime import resolve_precision
 
@@ -123,7 +123,7 @@ def test_training_is_augmented_and_evaluation_is_not(small_data, tmp_path):
     assert losses(tmp_path / "plain")[0] != losses(tmp_path / "aug")[0]  # the first batch was edited
     # the logged val loss is that of the saved weights on the plain validation windows
     final = [r["val_loss"] for r in read_metrics(tmp_path / "aug") if "val_loss" in r][-1]
-    loaded = load_checkpoint(tmp_path / "aug")
+    loaded = load_run(tmp_path / "aug")
     cfg = loaded.config
     val = val_batches(load_data_dir(small_data).val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens)
     got = evaluate(loaded.model, val, resolve_precision("fp32", torch.device("cpu")))["val_loss"]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from gptforge.data.curate import Blocklist, Deduplicator, scrub_pii
-from gptforge.data.prepare import add_prepare_arguments, is_val, load_data_dir, prepare, run_prepare
+from gptforge.data.datadir import load_data_dir
+from gptforge.data.prepare import add_prepare_arguments, is_val, prepare, run_prepare
 from gptforge.data.shards import open_shard
 from gptforge.errors import ConfigError, DataError
 

@@ -13,11 +13,12 @@ import pytest
 
 from gptforge.data import corpus
 from gptforge.data import prepare as prepare_module
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.prepare import (
     OutputExistsError,
     add_prepare_arguments,
+    builtin_data_dir,
     is_val,
-    load_data_dir,
     prepare,
     run_prepare,
 )
@@ -403,12 +404,12 @@ def test_builtin_data_dir_prepares_once(tmp_path, monkeypatch):
         (Path(out) / "manifest.json").write_text("{}")
 
     monkeypatch.setattr(prepare_module, "prepare", fake_prepare)
-    assert corpus.builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
-    assert corpus.builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
-    assert corpus.builtin_data_dir("bytes", progress=False) == builtin_path(tmp_path, "bytes")
+    assert builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
+    assert builtin_data_dir(vocab_size=512, progress=False) == builtin_path(tmp_path, "bpe512")
+    assert builtin_data_dir("bytes", progress=False) == builtin_path(tmp_path, "bytes")
     assert calls == [([], "bpe", 512), ([], "bytes", 8192)]
     with pytest.raises(ConfigError, match="'bpe' or 'bytes'"):
-        corpus.builtin_data_dir("gpt2")
+        builtin_data_dir("gpt2")
 
 
 def test_builtin_data_dir_uses_the_winner_of_a_race(tmp_path, monkeypatch):
@@ -420,5 +421,5 @@ def test_builtin_data_dir_uses_the_winner_of_a_race(tmp_path, monkeypatch):
         raise OutputExistsError(f"{out}: was created by someone else while preparing")
 
     monkeypatch.setattr(prepare_module, "prepare", lose_the_race)
-    assert corpus.builtin_data_dir(progress=False) == builtin_path(tmp_path, "bpe8192")
+    assert builtin_data_dir(progress=False) == builtin_path(tmp_path, "bpe8192")
     assert os.listdir(builtin_path(tmp_path, "bpe8192")) == ["manifest.json"]

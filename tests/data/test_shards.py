@@ -4,7 +4,7 @@ and loading data dirs written by llm.c / modded-nanogpt."""
 import numpy as np
 import pytest
 
-from gptforge.data.prepare import load_data_dir
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.shards import ShardWriter, find_shards, open_shard, read_header, write_shard
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import DataError

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 import gptforge
 from gptforge.cli import main
 from gptforge.config import load_config
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import load_data_dir
 from gptforge.evaluate.loss import evaluate
-from gptforge.inference import load_checkpoint
 from gptforge.observe.metrics import read_metrics
+from gptforge.runs import load_run
 from gptforge.train import checkpoint
 from gptforge.train.loop import train
 from gptforge.runtime import resolve_precision
@@ -73,7 +73,7 @@ def test_early_stop_fires_and_keeps_the_best(small_data, stalled):
     assert checkpoint.find_latest(run_dir) == run_dir / "checkpoints" / f"step_{result.step:08d}"
 
     # its weights are the best step's: evaluating them gives the loss logged at that step
-    loaded = load_checkpoint(best)
+    loaded = load_run(best)
     cfg = loaded.config
     data = load_data_dir(small_data)
     val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gptforge.config import load_config
+from gptforge.data.datadir import load_data_dir
 from gptforge.data.loader import TokenStream
-from gptforge.data.prepare import load_data_dir
 from gptforge.observe.metrics import read_metrics
 from gptforge.train import checkpoint
 from gptforge.train.fitwatch import HIGH_FRACTION, EarlyStop, FitWatch, unigram_entropy

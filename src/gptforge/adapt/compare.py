@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptforge.adapt.quantize import QuantLinear, linear_bytes
+from gptforge.adapt.qlinear import QuantLinear, linear_bytes
+from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.data.loader import val_batches
-from gptforge.data.prepare import DataDir, load_data_dir
 from gptforge.errors import GptforgeError
 from gptforge.evaluate.generate import generate
 from gptforge.evaluate.loss import evaluate
-from gptforge.inference import LoadedRun, load_checkpoint
+from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
 from gptforge.runtime import pick_device, resolve_precision, synchronize
 from gptforge.train.builder import resolve_data
@@ -48,7 +48,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
     rows, batches, dataset = [], {}, None
     for path, ckpt in zip(paths, checkpoints):
         _reset_memory(device)
-        run = load_checkpoint(ckpt, device, report=report)
+        run = load_run(ckpt, device, report=report)
         if dataset is None:
             dataset = load_data_dir(data) if data else resolve_data(run.config)
             eval_tokens = eval_tokens or run.config.train.eval_tokens

@@ -223,11 +223,11 @@ def export_hf(run: str | Path, out: str | Path, *, force: bool = False) -> Path:
     tokenizer_config.json and special_tokens_map.json that transformers.AutoTokenizer reads. Biases a
     bias=False model lacks are written as zeros, which computes exactly the same function.
     """
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
 
     out = Path(out)
     _check_out(out, force)
-    loaded = load_checkpoint(run)
+    loaded = load_run(run)
     m = loaded.config.model
     _check_exportable(loaded.config, loaded.checkpoint)
     state = loaded.model.state_dict()

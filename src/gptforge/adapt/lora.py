@@ -81,10 +81,6 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def has_lora(model: nn.Module) -> bool:
-    return bool(_lora_modules(model))
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only, keyed and detached like state_dict() ("transformer.h.0.attn.c_attn.lora_A")."""
     return {f"{name}.{key}": getattr(m, key).detach() for name, m in _lora_modules(model).items()

@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gptforge.adapt.quantize import block_linears, check_output, output_config, source_info
+from gptforge.adapt.qlinear import block_linears
 from gptforge.config import from_dict
 from gptforge.errors import GptforgeError
-from gptforge.inference import load_checkpoint
+from gptforge.runs import check_output, load_run, output_config, source_info
 from gptforge.train.checkpoint import save_weights
 
 PATTERNS = ("unstructured", "2:4")
@@ -111,7 +111,7 @@ def prune_run(run: str | Path, out: str | Path, sparsity: float, pattern: str, r
     check_pruning(sparsity, pattern)
     if recover_steps < 0:
         raise GptforgeError(f"--recover-steps must be >= 0, got {recover_steps}")
-    loaded = load_checkpoint(run, "cpu", report=report)
+    loaded = load_run(run, "cpu", report=report)
     if "quantization" in loaded.state:
         raise GptforgeError(f"{loaded.checkpoint} is quantized; prune the full-precision run, then quantize")
     check_output(out, run, force)

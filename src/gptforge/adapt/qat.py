@@ -1,7 +1,7 @@
 """Quantization-aware training (train.qat=int8|int4): train the weights that quantization will keep.
 
 The layers `gptforge quantize` would quantize become FakeQuantLinear: the forward uses the weight
-quantized and dequantized by the very functions of gptforge.adapt.quantize, so after training,
+quantized and dequantized by the very functions of gptforge.adapt.qlinear, so after training,
 `quantize_model` produces a model whose logits equal the QAT model's. The gradient passes straight through
 the rounding (straight-through estimator) to the full-precision weight, which is what the optimizer
 updates and the checkpoint stores, under nn.Linear's own names: a QAT checkpoint loads into a plain GPT.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptforge.adapt.quantize import check_method, fake_quantize, replace_module, target_names
+from gptforge.adapt.qlinear import check_method, fake_quantize, replace_module, target_names
 
 
 class FakeQuantLinear(nn.Linear):

@@ -45,10 +45,6 @@ from gptforge.errors import GptforgeError
 RULE = ("cumulative: each rung adds its switch to the best configuration so far and is kept only if its tokens/s "
         "beat that configuration's; memory is reported, not ranked")
 
-# Keys the ladder sets itself; the command line's other keys (model, data, batch) shape every rung.
-LADDER_KEYS = ("train.precision", "train.fused_optimizer", "train.compile", "train.fused_kernels", "train.fused_ce",
-               "train.fp8")
-
 
 @dataclasses.dataclass(frozen=True)
 class Rung:

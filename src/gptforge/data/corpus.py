@@ -5,8 +5,8 @@ documents in them, skipping (and counting) what cannot be used.
 
 The built-in corpus is the Python standard library's own source code: every
 installation carries about 30 MB of varied, well-written text there, so
-`gptforge train` works offline with no dataset at hand. It is tokenized once into
-a cache folder and reused afterwards.
+`gptforge train` works offline with no dataset at hand. `prepare.builtin_data_dir`
+tokenizes it once into a cache folder and reuses it afterwards.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptforge.errors import ConfigError, DataError
+from gptforge.errors import DataError
 
 SKIP_REASONS = {
     "empty": "empty file, or text that is only whitespace",
@@ -236,26 +235,3 @@ def stdlib_files() -> list[Path]:
 def cache_root() -> Path:
     """Where prepared data is cached: `$GPTFORGE_CACHE`, else `~/.cache/gptforge`."""
     return Path(os.environ.get("GPTFORGE_CACHE") or Path.home() / ".cache" / "gptforge")
-
-
-def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: bool = True) -> Path:
-    """The prepared built-in corpus for this Python version, preparing it on first use.
-
-    Safe to call from several processes at once: each prepares into its own
-    temporary folder, the first to rename it into place wins, the others use that.
-    """
-    # Imported here because prepare itself falls back to `stdlib_files` above.
-    from gptforge.data.prepare import OutputExistsError, prepare
-
-    if tokenizer not in ("bpe", "bytes"):
-        raise ConfigError(f"built-in corpus tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
-    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{tokenizer}"
-    out = cache_root() / "data" / (f"{name}{vocab_size}" if tokenizer == "bpe" else name)
-    if not (out / "manifest.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            prepare([], out, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
-        except OutputExistsError:
-            if not (out / "manifest.json").is_file():
-                raise
-    return out

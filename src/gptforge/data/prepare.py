@@ -4,7 +4,7 @@ The corpus is streamed, never held in memory: documents are read lazily, tokeniz
 in batches of a few MB (in parallel, in Rust), and appended to shard files as they
 come. Bad input is skipped and counted by reason rather than aborting a long run,
 and the output folder appears only when it is complete, so a folder named like a
-data dir is always a finished one.
+data dir is always a finished one. Reading one back is `datadir.load_data_dir`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from itertools import islice
@@ -31,6 +30,7 @@ from rich.table import Table
 from gptforge.data.corpus import (
     SKIP_REASONS,
     Reader,
+    cache_root,
     collect_files,
     file_size,
     parquet_module,
@@ -38,16 +38,14 @@ from gptforge.data.corpus import (
     stdlib_files,
 )
 from gptforge.data.curate import CURATION_SKIP_REASONS, DEDUP_MODES, PII_KINDS, Blocklist, Curator, Deduplicator
-from gptforge.data.shards import ShardInfo, ShardWriter, find_shards, read_header
+from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
+from gptforge.data.shards import ShardWriter, read_header
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.fileio import fsync_dir, sha256_file
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
-FORMAT, FORMAT_VERSION = "gptforge-data", 1
-SPLITS = ("train", "val")
 SHORT_DOCUMENT_TOKENS = 64
 BATCH_CHARS = 4 << 20  # per encode_batch call: enough documents to keep every core busy
-GPT2_VOCAB_SIZE = 50257  # what an llm.c uint16 shard means when nothing says otherwise
 ALL_SKIP_REASONS = {**SKIP_REASONS, **CURATION_SKIP_REASONS}
 
 
@@ -348,102 +346,27 @@ def _tokenize(
     return splits, short
 
 
-# ---------------------------------------------------------------- loading a data dir
+# ---------------------------------------------------------------- the built-in corpus, prepared
 
 
-@dataclass
-class DataDir:
-    path: Path
-    train: list[ShardInfo]
-    val: list[ShardInfo]
-    tokenizer: Tokenizer | None
-    vocab_size: int
-    manifest: dict | None
+def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: bool = True) -> Path:
+    """The prepared built-in corpus for this Python version, preparing it on first use.
 
-
-def load_data_dir(data_dir: str | Path, *, verify_sha256: bool = True) -> DataDir:
-    """Open a folder of shards written by `prepare`, llm.c or modded-nanogpt, checking it first.
-
-    With a manifest every shard must match its recorded token count (and sha256 when
-    `verify_sha256`); without one, shards are found by name and the vocabulary size
-    comes from tokenizer.json, the shard headers, or GPT-2's for llm.c uint16 shards.
+    Safe to call from several processes at once: each prepares into its own
+    temporary folder, the first to rename it into place wins, the others use that.
     """
-    path = Path(data_dir)
-    if ".tmp-" in path.name:
-        raise DataError(f"{path}: a folder left by an interrupted prepare; run gptforge prepare again")
-    if not path.is_dir():
-        raise DataError(f"{path}: not a data directory; create one with gptforge prepare")
-    tokenizer_path = path / "tokenizer.json"
-    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path.is_file() else None
-    manifest_path = path / "manifest.json"
-    if manifest_path.is_file():
-        manifest = _read_manifest(manifest_path)
-        splits = _manifest_shards(path, manifest, verify_sha256)
-        vocab_size = manifest["tokenizer"]["vocab_size"]
-        if tokenizer and verify_sha256 and sha256_file(tokenizer_path) != manifest["tokenizer"]["sha256"]:
-            raise DataError(f"{tokenizer_path}: sha256 differs from manifest.json; the file was changed or damaged")
-    else:
-        manifest = None
-        splits = {split: [read_header(p) for p in find_shards(path, split)] for split in SPLITS}
-        vocab_size = tokenizer.vocab_size if tokenizer else _vocab_from_headers(path, splits)
-    if not splits["train"] or not splits["val"]:
-        found = sorted(p.name for p in path.iterdir())
-        raise DataError(
-            f"{path}: found {len(splits['train'])} train and {len(splits['val'])} val shards "
-            f"(files: {', '.join(found[:10]) or 'none'}); expected train_*.bin and val_*.bin "
-            "(or llm.c's *_train*.bin / *_val*.bin); create them with gptforge prepare"
-        )
-    return DataDir(path, splits["train"], splits["val"], tokenizer, vocab_size, manifest)
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a gptforge data manifest (expected \"format\": \"{FORMAT}\")")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format_version {manifest.get('format_version')} is not supported "
-            f"(expected {FORMAT_VERSION}); prepare the data again"
-        )
-    return manifest
-
-
-def _manifest_shards(path: Path, manifest: dict, verify_sha256: bool) -> dict[str, list[ShardInfo]]:
-    splits = {}
-    try:
-        for split in SPLITS:
-            splits[split] = []
-            for entry in manifest["splits"][split]["shards"]:
-                shard = path / entry["file"]
-                if not shard.is_file():
-                    raise DataError(f"{shard}: listed in manifest.json but missing")
-                info = read_header(shard)
-                if info.num_tokens != entry["tokens"]:
-                    raise DataError(f"{shard}: has {info.num_tokens} tokens, manifest.json says {entry['tokens']}")
-                if verify_sha256 and sha256_file(shard) != entry["sha256"]:
-                    raise DataError(f"{shard}: sha256 differs from manifest.json; the file was changed or damaged")
-                splits[split].append(info)
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{path / 'manifest.json'}: malformed, missing or wrong entry {exc}") from exc
-    return splits
-
-
-def _vocab_from_headers(path: Path, splits: dict[str, list[ShardInfo]]) -> int:
-    shards = [info for infos in splits.values() for info in infos]
-    recorded = {info.vocab_size for info in shards if info.vocab_size}
-    if len(recorded) > 1:
-        raise DataError(f"{path}: shards disagree on the vocabulary size: {sorted(recorded)}")
-    if recorded:
-        return recorded.pop()
-    if shards and all(info.dtype.itemsize == 2 for info in shards):
-        return GPT2_VOCAB_SIZE
-    raise DataError(
-        f"{path}: cannot tell the vocabulary size of its uint32 shards; "
-        "put the tokenizer.json they were made with into the folder"
-    )
+    if tokenizer not in ("bpe", "bytes"):
+        raise ConfigError(f"built-in corpus tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
+    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{tokenizer}"
+    out = cache_root() / "data" / (f"{name}{vocab_size}" if tokenizer == "bpe" else name)
+    if not (out / "manifest.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            prepare([], out, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+        except OutputExistsError:
+            if not (out / "manifest.json").is_file():
+                raise
+    return out
 
 
 # ---------------------------------------------------------------- command line

@@ -242,12 +242,12 @@ def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bias(args: argparse.Namespace) -> int:
     """`gptforge eval RUN_DIR --bias`: the report as a table, or as one JSON object with --json."""
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
     from gptforge.runtime import pick_device
 
     templates = load_templates(args.templates)  # a bad file fails before the model loads
     device = pick_device(args.device)
-    run = load_checkpoint(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn templates into tokens")
     report = bias_report(run.model, run.tokenizer, templates, device=device, n_boot=args.n_boot,

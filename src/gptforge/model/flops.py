@@ -45,8 +45,3 @@ def flops_per_token(config: GPTConfig) -> float:
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     attention = 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
     return float(6 * n_matmul + attention)
-
-
-def forward_flops_per_token(config: GPTConfig) -> float:
-    """Forward-only FLOPs per token (inference): one third of flops_per_token, 2*N + 4*L*H*Q*T."""
-    return flops_per_token(config) / 3

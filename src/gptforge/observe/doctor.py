@@ -285,7 +285,7 @@ def measure_train_step(device: torch.device, precision: str, quick: bool) -> dic
     import numpy as np
 
     from gptforge.config import load_config
-    from gptforge.data.prepare import DataDir
+    from gptforge.data.datadir import DataDir
     from gptforge.data.shards import read_header, write_shard
     from gptforge.model.flops import flops_per_token
     from gptforge.parallel.world import World

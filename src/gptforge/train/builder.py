@@ -36,7 +36,7 @@ from torch import nn
 from gptforge.config import Config, validate
 from gptforge.data.augment import Augmenter
 from gptforge.data.loader import Layout, TokenLoader, val_batches
-from gptforge.data.prepare import DataDir, load_data_dir
+from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.errors import CheckpointError
 from gptforge.model import build_model
 from gptforge.observe import console
@@ -123,7 +123,7 @@ def resolve_data(cfg: Config) -> DataDir:
     """The prepared data of a run: data.dir, or the built-in corpus prepared once into the cache."""
     if cfg.data.dir:
         return load_data_dir(cfg.data.dir, verify_sha256=cfg.data.verify)
-    from gptforge.data.corpus import builtin_data_dir
+    from gptforge.data.prepare import builtin_data_dir
 
     path = builtin_data_dir(cfg.data.tokenizer, cfg.data.vocab_size, progress=console.is_tty())
     return load_data_dir(path, verify_sha256=cfg.data.verify)
@@ -146,9 +146,9 @@ def _initial_model(cfg: Config, data: DataDir, fine_tune: bool) -> tuple[Config,
 
 def init_source(cfg: Config, data: DataDir) -> Any:
     """The run that train.init_from names (a LoadedRun), checked against the data it is to be tuned on."""
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
 
-    source = load_checkpoint(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
+    source = load_run(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
     where = f"train.init_from={cfg.train.init_from}"
     if "quantization" in source.state:
         raise CheckpointError(f"{where} is quantized; fine-tune the full-precision run "

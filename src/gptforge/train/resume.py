@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gptforge.config import Config
-from gptforge.data.prepare import DataDir
+from gptforge.data.datadir import DataDir
 from gptforge.errors import CheckpointError
 from gptforge.parallel.distribute import (
     is_sharded_model,

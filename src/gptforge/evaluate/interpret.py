@@ -231,13 +231,13 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """`gptforge inspect`: print the tables; with --out, write the maps and the JSON too."""
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
     from gptforge.runtime import pick_device
 
     if args.out:
         _pyplot()  # fail before loading the model, not after
     device = pick_device(args.device)
-    run = load_checkpoint(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn the prompt into tokens")
     result = inspect_run(run.model, run.tokenizer, args.prompt, top_k=args.top_k, device=device)

@@ -15,8 +15,8 @@ import torch
 from gptforge.config import load_config
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import GptforgeError
-from gptforge.evaluate.inspect import (add_inspect_arguments, inspect_run, recompute_attention, run_inspect,
-                                       write_inspection)
+from gptforge.evaluate.interpret import (add_inspect_arguments, inspect_run, recompute_attention, run_inspect,
+                                         write_inspection)
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.checkpoint import save_weights
 

@@ -1,0 +1,86 @@
+"""Loading a trained run for use: the model in eval mode, its tokenizer, its config and its saved state;
+and what a run made from a loaded one (quantized, pruned) takes from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptforge.config import Config, from_dict
+from gptforge.data.tokenizer import Tokenizer
+from gptforge.errors import GptforgeError
+from gptforge.model.gpt import GPT
+from gptforge.train import checkpoint
+
+
+@dataclass
+class LoadedRun:
+    model: GPT
+    tokenizer: Tokenizer | None
+    config: Config
+    checkpoint: Path  # the checkpoint folder the weights came from
+    state: dict  # its state.json
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu",
+             report: Callable[[str], None] = print) -> LoadedRun:
+    """The newest intact checkpoint of a run directory, or a checkpoint folder, ready for use: quantized
+    layers rebuilt, LoRA adapters merged, sharded weights gathered. `report` hears of damaged checkpoints
+    skipped on the way."""
+    ckpt = checkpoint.resolve(path, report=report)
+    state = checkpoint.read_state(ckpt)
+    cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
+    model = GPT(cfg.model)
+    if "quantization" in state:
+        from gptforge.adapt.qlinear import build_quantized
+
+        build_quantized(model, state["quantization"])
+    if cfg.train.lora.rank:  # adapters are stored beside the base weights; fold them in for use
+        from gptforge.adapt.lora import apply_lora, merge_lora
+
+        apply_lora(model, cfg.train.lora)
+        checkpoint.load_weights(model, ckpt)
+        merge_lora(model)
+    elif checkpoint.is_sharded(ckpt):  # verified against its manifest by resolve() above
+        from gptforge.parallel.distribute import load_sharded
+
+        load_sharded(model, None, ckpt / "dcp")
+    else:
+        checkpoint.load_weights(model, ckpt)
+    model.to(device).eval()
+    tok_file = ckpt / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
+    return LoadedRun(model, tokenizer, cfg, ckpt, state)
+
+
+# ---------------------------------------------------------------- a run made from a loaded one
+
+
+def check_output(out: Path, source: Path, force: bool) -> None:
+    """Refuse a non-empty `out` unless forced (then empty it), and never write over the source run."""
+    out, src = out.resolve(), source.resolve()
+    if out == src or out in src.parents:
+        raise GptforgeError(f"--out {out} would overwrite the source {source}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise GptforgeError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise GptforgeError(f"--out {out}: already exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+
+
+def output_config(loaded: LoadedRun, out: Path) -> dict:
+    """The source run's config for a run at `out` of its loaded weights, in which LoRA adapters are merged."""
+    cfg = loaded.config
+    train = dataclasses.replace(cfg.train, lora=dataclasses.replace(cfg.train.lora, rank=0))
+    return dataclasses.replace(cfg, train=train, run=dataclasses.replace(cfg.run, dir=str(out))).to_dict()
+
+
+def source_info(run: Path, loaded: LoadedRun) -> dict:
+    """Where the new run's weights came from, for its state.json."""
+    return {"run": str(run), "checkpoint": str(loaded.checkpoint), "step": loaded.state["step"]}
