@@ -9,6 +9,7 @@ import torch
 
 from gptforge.config import Config, from_dict
 from gptforge.data.tokenizer import Tokenizer
+from gptforge.model import build_model
 from gptforge.model.gpt import GPT
 from gptforge.train import checkpoint
 
@@ -26,15 +27,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", report
     ckpt = checkpoint.resolve(path, report=report)
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     if "quantization" in state:
         from gptforge.adapt.quantize import build_quantized
 
         build_quantized(model, state["quantization"])
-    if cfg.train.lora.rank:  # adapters are stored beside the base weights; fold them in for use
+    if cfg.finetune.lora.rank:  # adapters are stored beside the base weights; fold them in for use
         from gptforge.adapt.lora import apply_lora, merge_lora
 
-        apply_lora(model, cfg.train.lora)
+        apply_lora(model, cfg.finetune.lora)
         checkpoint.load_weights(model, ckpt)
         merge_lora(model)
     elif checkpoint.is_sharded(ckpt):  # verified against its manifest by resolve() above

@@ -273,8 +273,8 @@ def check_output(out: Path, source: Path, force: bool) -> None:
 def output_config(loaded: LoadedRun, out: Path) -> dict:
     """The source run's config for a run at `out` of its loaded weights, in which LoRA adapters are merged."""
     cfg = loaded.config
-    train = dataclasses.replace(cfg.train, lora=dataclasses.replace(cfg.train.lora, rank=0))
-    return dataclasses.replace(cfg, train=train, run=dataclasses.replace(cfg.run, dir=str(out))).to_dict()
+    finetune = dataclasses.replace(cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0))
+    return dataclasses.replace(cfg, finetune=finetune, run=dataclasses.replace(cfg.run, dir=str(out))).to_dict()
 
 
 def source_info(run: Path, loaded: LoadedRun) -> dict:

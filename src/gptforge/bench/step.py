@@ -62,21 +62,21 @@ class StepRig:
 
     def __init__(self, cfg: Config, world: World):
         validate(cfg, world.world_size)
-        if cfg.train.fp8:  # before any data work
+        if cfg.speed.fp8:  # before any data work
             check_fp8(training_device(cfg, world))
         data = resolve_data(cfg)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
         device = training_device(cfg, world)
-        precision = resolve_precision(cfg.train.precision, device)
+        precision = resolve_precision(cfg.speed.precision, device)
         rng.seed_everything(cfg.run.seed)
         raw_model = GPT(cfg.model)
         apply_train_kernels(raw_model, cfg)
         raw_model.to(device)
-        apply_train_switches(raw_model, cfg.train, device)  # fp8, activation checkpointing: before distribute
+        apply_train_switches(raw_model, cfg.speed, device)  # fp8, activation checkpointing: before distribute
         cfg = resolve_batch_size(cfg, raw_model, precision, device, world, report=console.printer(world.is_main))
-        model, self.comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile,
-                                      compile_mode=cfg.train.compile_mode)
-        optimizer = build_optimizer(raw_model, cfg.train, device.type)
+        model, self.comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.speed.compile,
+                                      compile_mode=cfg.speed.compile_mode)
+        optimizer = build_optimizer(raw_model, cfg.optim, device.type)
         self.stepper = Stepper(model, raw_model, optimizer, precision.grad_scaler(), precision, world, cfg, [])
         self.stepper.phases = PhaseTimer(device)
         accum = cfg.grad_accum_steps(world.world_size)

@@ -1,9 +1,9 @@
 """Techniques applied to a built model from outside it (the model file knows nothing of them).
 
-    compile                  torch.compile, with train.compile_mode.
+    compile                  torch.compile, with speed.compile_mode.
     activation checkpointing recompute transformer blocks in the backward pass instead of keeping their
-                             activations (train.activation_checkpointing).
-    fp8                      torchao's float8 training linear layers (train.fp8), on Hopper / Ada GPUs.
+                             activations (speed.activation_checkpointing).
+    fp8                      torchao's float8 training linear layers (speed.fp8), on Hopper / Ada GPUs.
 
 Order, as torchtitan does it: fp8 -> activation checkpointing -> (distribute: DDP / fully_shard) -> compile.
 None of them renames a parameter: checkpoints load into a model with or without them.
@@ -22,7 +22,7 @@ FP8_INSTALL = "pip install 'gptforge[fp8]'"
 
 def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> nn.Module:
     """torch.compile the model; the raw module is kept by the caller for saving (no `_orig_mod.` keys).
-    mode is train.compile_mode ("default" and None are torch's default)."""
+    mode is speed.compile_mode ("default" and None are torch's default)."""
     if not enabled:
         return model
     return torch.compile(model, mode=None if mode in (None, "default") else mode)
@@ -64,7 +64,7 @@ def checkpointed_blocks(n_blocks: int, mode: str) -> list[int]:
         return list(range(n_blocks))
     if mode == "selective":
         return list(range(0, n_blocks, 2))
-    raise ConfigError(f"train.activation_checkpointing: {mode!r} is not one of: none, selective, full")
+    raise ConfigError(f"speed.activation_checkpointing: {mode!r} is not one of: none, selective, full")
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
@@ -92,19 +92,19 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 
 def check_fp8(device: torch.device) -> None:
-    """Raise a ConfigError unless train.fp8 can run here: torchao installed, a CUDA device of compute
+    """Raise a ConfigError unless speed.fp8 can run here: torchao installed, a CUDA device of compute
     capability 8.9 or newer (Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores)."""
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
-        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
+        raise ConfigError(f"speed.fp8=true needs torchao: {FP8_INSTALL}") from None
     if device.type != "cuda":
-        raise ConfigError(f"train.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
+        raise ConfigError(f"speed.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise ConfigError(
-            f"train.fp8=true: this GPU is sm_{major}{minor}; fp8 needs Hopper/Ada (sm_89+). "
-            "Use train.precision=bf16 instead"
+            f"speed.fp8=true: this GPU is sm_{major}{minor}; fp8 needs Hopper/Ada (sm_89+). "
+            "Use speed.precision=bf16 instead"
         )
 
 
@@ -127,16 +127,16 @@ def apply_fp8(model: nn.Module, device: torch.device | None = None) -> nn.Module
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
-        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
+        raise ConfigError(f"speed.fp8=true needs torchao: {FP8_INSTALL}") from None
     return convert_to_float8_training(model, module_filter_fn=fp8_eligible)
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def apply_train_switches(model: nn.Module, train, device: torch.device) -> nn.Module:
-    """train.fp8, then train.activation_checkpointing (a TrainConfig's), on the built model on its device;
-    call before distribute(), which compiles."""
-    if train.fp8:
+def apply_train_switches(model: nn.Module, speed, device: torch.device) -> nn.Module:
+    """speed.fp8, then speed.activation_checkpointing (of the config's speed section), on the built model on
+    its device; call before distribute(), which compiles."""
+    if speed.fp8:
         apply_fp8(model, device)
-    return apply_activation_checkpointing(model, train.activation_checkpointing)
+    return apply_activation_checkpointing(model, speed.activation_checkpointing)

@@ -6,7 +6,7 @@ compile -> optimizer -> loader -> steps. Each step: one global batch split into
 micro-steps (gradient accumulation; fewer during batch-size warmup), clip, skip if not finite, the optimizer
 (AdamW or Muon), schedule. Evaluation, logging and checkpoints happen at step boundaries, so a checkpoint
 captures everything a bit-identical resume needs: weights, optimizer, every RNG, the loader position and the
-counters. With train.sync_free, the loss and gradient norm stay on the device between log, eval and save
+counters. With speed.sync_free, the loss and gradient norm stay on the device between log, eval and save
 steps, and non-finite updates are skipped there (masked_step).
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from gptforge import __version__
-from gptforge.config import Config, save_config, validate
+from gptforge.config import Config, migrate, save_config, validate
 from gptforge.data.augment import Augmenter
 from gptforge.data.loader import Layout, TokenLoader, val_batches
 from gptforge.data.prepare import DataDir, load_data_dir
@@ -91,18 +91,18 @@ def resolve_data(cfg: Config) -> DataDir:
 
 def _check_same_run(saved: dict[str, Any], cfg: Config, data: DataDir, run_dir: Path) -> None:
     """A run directory may only be resumed by the same model on the same tokenizer."""
-    old, new = saved["config"]["model"], dataclasses.asdict(cfg.model)
+    old, new = migrate(saved["config"])["model"], dataclasses.asdict(cfg.model)
     diffs = [f"model.{k}: {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k != "preset" and old.get(k) != v]
     if diffs:
         raise CheckpointError(
             f"{run_dir} holds a run of a different model ({'; '.join(diffs)}). "
             "Choose another run.dir, or delete that one to start over."
         )
-    saved_optimizer = saved["config"].get("train", {}).get("optimizer", "adamw")
-    if saved_optimizer != cfg.train.optimizer:
+    saved_optimizer = migrate(saved["config"]).get("optim", {}).get("name", "adamw")
+    if saved_optimizer != cfg.optim.name:
         raise CheckpointError(
-            f"{run_dir} was trained with train.optimizer={saved_optimizer}, this run asks for "
-            f"train.optimizer={cfg.train.optimizer}; use the same optimizer to resume, or another run.dir"
+            f"{run_dir} was trained with optim.name={saved_optimizer}, this run asks for "
+            f"optim.name={cfg.optim.name}; use the same optimizer to resume, or another run.dir"
         )
     saved_tok = saved.get("tokenizer_sha256")
     if data.tokenizer is not None and saved_tok and saved_tok != data.tokenizer.sha256:
@@ -110,23 +110,23 @@ def _check_same_run(saved: dict[str, Any], cfg: Config, data: DataDir, run_dir: 
 
 
 def _init_source(cfg: Config, data: DataDir):
-    """The run that train.init_from names: its weights and model section start this one (fine-tuning)."""
+    """The run that finetune.init_from names: its weights and model section start this one (fine-tuning)."""
     from gptforge.inference import load_checkpoint
 
-    source = load_checkpoint(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
+    source = load_checkpoint(cfg.finetune.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
     if "quantization" in source.state:
         raise CheckpointError(
-            f"train.init_from={cfg.train.init_from} is quantized; fine-tune the full-precision run "
-            "(and use train.qat for quantization-aware training)"
+            f"finetune.init_from={cfg.finetune.init_from} is quantized; fine-tune the full-precision run "
+            "(and use finetune.qat for quantization-aware training)"
         )
     if source.tokenizer is not None and data.tokenizer is not None and source.tokenizer.sha256 != data.tokenizer.sha256:
         raise CheckpointError(
-            f"{data.path} was tokenized with another tokenizer than train.init_from={cfg.train.init_from}; "
+            f"{data.path} was tokenized with another tokenizer than finetune.init_from={cfg.finetune.init_from}; "
             f"prepare the data with --tokenizer {source.checkpoint / 'tokenizer.json'}"
         )
     if data.vocab_size > source.config.model.vocab_size:
         raise CheckpointError(
-            f"{data.path} has {data.vocab_size} token ids but the model of train.init_from only "
+            f"{data.path} has {data.vocab_size} token ids but the model of finetune.init_from only "
             f"{source.config.model.vocab_size}"
         )
     return source
@@ -134,23 +134,23 @@ def _init_source(cfg: Config, data: DataDir):
 
 def _apply_adapters(model: GPT, cfg: Config) -> None:
     """LoRA and quantization-aware training, applied to the built model from outside it."""
-    if cfg.train.lora.rank:
+    if cfg.finetune.lora.rank:
         from gptforge.adapt.lora import apply_lora
 
-        apply_lora(model, cfg.train.lora)
-    if cfg.train.qat:
+        apply_lora(model, cfg.finetune.lora)
+    if cfg.finetune.qat:
         from gptforge.adapt.qat import apply_qat
 
-        apply_qat(model, cfg.train.qat)
+        apply_qat(model, cfg.finetune.qat)
 
 
 def apply_train_kernels(model: GPT, cfg: Config) -> None:
-    """train.fused_kernels and train.fused_ce, applied to the built model from outside it; Triton or the
+    """speed.fused_kernels and speed.fused_ce, applied to the built model from outside it; Triton or the
     PyTorch reference is chosen per call from the tensors' device, so this may run before the model moves."""
-    if cfg.train.fused_kernels or cfg.train.fused_ce:
+    if cfg.speed.fused_kernels or cfg.speed.fused_ce:
         from gptforge.kernels import apply_kernels
 
-        apply_kernels(model, cfg.train.fused_kernels, cfg.train.fused_ce, cfg.train.ce_chunk_tokens)
+        apply_kernels(model, cfg.speed.fused_kernels, cfg.speed.fused_ce, cfg.speed.ce_chunk_tokens)
 
 
 def _rollback(model: GPT, optimizer: torch.optim.Optimizer, ckpt: Path, world: World) -> None:
@@ -202,7 +202,7 @@ def train(cfg: Config, on_eval: Callable[[int, dict[str, Any]], None] | None = N
 
 def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     validate(cfg, world.world_size)
-    if cfg.train.fp8:  # before any data work: torchao, a CUDA GPU, sm_89+
+    if cfg.speed.fp8:  # before any data work: torchao, a CUDA GPU, sm_89+
         check_fp8(training_device(cfg, world))
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -217,9 +217,9 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
     if saved and saved.get("format") == checkpoint.WEIGHTS_FORMAT:
         raise CheckpointError(
             f"{run_dir} holds weights only (imported, quantized or pruned), not a training run; "
-            f"fine-tune it with train.init_from={run_dir} and another run.dir"
+            f"fine-tune it with finetune.init_from={run_dir} and another run.dir"
         )
-    source = _init_source(cfg, data) if cfg.train.init_from else None
+    source = _init_source(cfg, data) if cfg.finetune.init_from else None
     # The vocabulary comes from the data; when fine-tuning, the whole model section comes from the source run.
     model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
         dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
@@ -227,7 +227,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
     if saved:
         _check_same_run(saved, cfg, data, run_dir)
     device = training_device(cfg, world)
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.speed.precision, device)
     if world.is_main:
         save_config(cfg, run_dir / "config.yaml")
         if data.tokenizer is not None:
@@ -242,23 +242,23 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
         raw_model.load_state_dict(source.model.state_dict())
     _apply_adapters(raw_model, cfg)
     apply_train_kernels(raw_model, cfg)
-    if cfg.train.neftune_alpha > 0:  # noise on the token embeddings while training, hooked on from outside
+    if cfg.finetune.neftune_alpha > 0:  # noise on the token embeddings while training, hooked on from outside
         from gptforge.adapt.neftune import apply_neftune
 
-        apply_neftune(raw_model, cfg.train.neftune_alpha)
+        apply_neftune(raw_model, cfg.finetune.neftune_alpha)
     raw_model.to(device)
     sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
     if ckpt and not sharded_ckpt:
         checkpoint.load_weights(raw_model, ckpt)
-    sparsity_masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
-    apply_train_switches(raw_model, cfg.train, device)  # fp8, activation checkpointing: before distribute
+    sparsity_masks = _sparsity_masks(raw_model) if cfg.finetune.keep_sparsity else []
+    apply_train_switches(raw_model, cfg.speed, device)  # fp8, activation checkpointing: before distribute
     if cfg.train.batch_size == "auto":  # resolved on the model as it will train; stored as a number
         cfg = resolve_batch_size(cfg, raw_model, precision, device, world, saved, report=say)
         if world.is_main:
             save_config(cfg, run_dir / "config.yaml")
-    model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile,
-                             compile_mode=cfg.train.compile_mode)
-    optimizer = build_optimizer(raw_model, cfg.train, device.type)
+    model, comm = distribute(raw_model, cfg.dist, world, device, compile=cfg.speed.compile,
+                             compile_mode=cfg.speed.compile_mode)
+    optimizer = build_optimizer(raw_model, cfg.optim, device.type)
     if sharded_ckpt:
         load_sharded(raw_model, optimizer, ckpt / "dcp")
     elif saved and "optimizer" in saved:
@@ -274,7 +274,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
         data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
         prefetch=cfg.data.prefetch, state=saved["loader"] if saved else None,
     )
-    val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens, world.rank, world.world_size)
+    val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens, world.rank, world.world_size)
     token_bytes = torch.from_numpy(data.tokenizer.token_byte_lengths()) if data.tokenizer is not None else None
 
     step, tokens, time_s = 0, 0, 0.0
@@ -308,7 +308,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
 
     sharded = cfg.dist.checkpoint == "sharded" and world.distributed
     guard = Guard(cfg.guard, saved.get("guard") if saved else None)
-    early = EarlyStop(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta,
+    early = EarlyStop(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta,
                       saved.get("early_stop") if saved else None)
     watch = fit_watch(cfg.guard, data.train, saved.get("fit_watch") if saved else None)
     augment = Augmenter.from_config(cfg.data, data.vocab_size)  # training batches only, never evaluation
@@ -348,7 +348,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
         }
         files = {"tokenizer.json": run_dir / "tokenizer.json"} if data.tokenizer is not None else {}
         tensors = {}
-        if cfg.train.lora.rank:
+        if cfg.finetune.lora.rank:
             from gptforge.adapt.lora import lora_state_dict
 
             tensors["adapter.safetensors"] = lora_state_dict(raw_model)  # the adapters alone, for sharing
@@ -369,13 +369,13 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
             say(f"[yellow]step {step}: {flag.message}[/]")
         if step == 0:  # the untrained model: no best checkpoint (and no optimizer state to write), no count
             return
-        if early.update(step, result["val_loss"]) and cfg.train.keep_best:
+        if early.update(step, result["val_loss"]) and cfg.eval.keep_best:
             save(best=True)
         if early.stopped:
             metrics.event("early_stop", step, best_step=early.best_step, best_val_loss=early.best_loss,
                           evals_without_improvement=early.bad_evals, min_delta=early.min_delta)
             best = f"{early.best_loss:.4f} at step {early.best_step}" if early.best_step is not None else "none"
-            kept = f" (in {run_dir / 'best'})" if cfg.train.keep_best and early.best_step is not None else ""
+            kept = f" (in {run_dir / 'best'})" if cfg.eval.keep_best and early.best_step is not None else ""
             say(f"[yellow]step {step}: early stop: val loss has not improved by more than {early.min_delta} for "
                 f"{early.bad_evals} evaluations; best {best}{kept}[/]")
 
@@ -396,7 +396,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
         say(f"the run in {run_dir} has met its budget at step {step}; raise train.max_steps/max_tokens/max_time to go on")
     elif early.stopped:
         say(f"the run in {run_dir} stopped early at step {step} ({early.bad_evals} evaluations without improvement); "
-            "raise train.early_stop_patience, or set it to 0, to go on")
+            "raise eval.early_stop_patience, or set it to 0, to go on")
     elif step == 0:
         last_val = run_eval()
 
@@ -413,9 +413,9 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
     try:
         while budget_left() and not early.stopped:
             t0 = time.perf_counter()
-            lr_scale = lr_multiplier(cfg.train, step, progress(cfg.train, step, tokens, time_s))
-            lr = cfg.train.lr * lr_scale  # train.lr's groups; each group scales its own base_lr
-            n_micro = micro_steps(cfg.train, step, accum)  # < accum only during batch-size warmup
+            lr_scale = lr_multiplier(cfg.schedule, step, progress(cfg.train, step, tokens, time_s))
+            lr = cfg.optim.lr * lr_scale  # optim.lr's groups; each group scales its own base_lr
+            n_micro = micro_steps(cfg.schedule, step, accum)  # < accum only during batch-size warmup
             loss, grad_norm, skipped = stepper.step(augment(loader.next_step(n_micro)), lr_scale, step + 1)
             if device.type == "cuda" and (step + 1) % cfg.train.log_every == 0:
                 torch.cuda.synchronize(device)
@@ -432,7 +432,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
                 metrics.event(f"skip_{skipped}", step, loss=loss, grad_norm=grad_norm, consecutive=guard.consecutive)
                 say(f"[yellow]step {step}: {skipped.replace('_', ' ')} (loss {loss:.4g}, grad norm {grad_norm:.4g}); "
                     "update skipped[/]")
-            if stepper.device_skips:  # train.sync_free: non-finite steps skipped on the device since the last read
+            if stepper.device_skips:  # speed.sync_free: non-finite steps skipped on the device since the last read
                 metrics.event("skip_nonfinite", step, on_device=stepper.device_skips, consecutive=guard.consecutive)
                 say(f"[yellow]step {step}: {stepper.device_skips} non-finite update(s) skipped on the device[/]")
             if guard.needs_rollback:
@@ -440,7 +440,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
                 if rollback_to is None:
                     raise GptforgeError(
                         f"{guard.consecutive} updates in a row were skipped (step {step}) and there is no checkpoint "
-                        "to go back to; lower train.lr or check the data (metrics.jsonl has every skip)"
+                        "to go back to; lower optim.lr or check the data (metrics.jsonl has every skip)"
                     )
                 _rollback(raw_model, optimizer, rollback_to, world)
                 metrics.event("rollback", step, checkpoint=rollback_to.name, skipped=guard.consecutive)
@@ -460,7 +460,7 @@ def _train(cfg: Config, world: World, on_eval: Callable[[int, dict[str, Any]], N
                 metrics.write(record)
                 bar.update(record, progress(cfg.train, step, tokens, time_s))
                 window_tokens, window_time = 0, 0.0
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and budget_left():
+            if cfg.eval.every and step % cfg.eval.every == 0 and budget_left():
                 last_val = run_eval()
             if cfg.train.save_every and step % cfg.train.save_every == 0 and budget_left():
                 save()
@@ -520,14 +520,14 @@ class Stepper:
                  guard: Guard | None = None):
         self.model, self.optimizer, self.scaler, self.precision, self.world = model, optimizer, scaler, precision, world
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
-        self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         self.debug = cfg.debug
-        self.warmup = cfg.train.warmup_steps
+        self.warmup = cfg.schedule.warmup_steps
         self.sparsity_masks = sparsity_masks
         self.guard = guard
-        # train.sync_free: loss and gradient norm are read back on log, eval and save steps only.
-        self.sync_free = cfg.train.sync_free
-        self.read_every = [n for n in (cfg.train.log_every, cfg.train.eval_every, cfg.train.save_every) if n]
+        # speed.sync_free: loss and gradient norm are read back on log, eval and save steps only.
+        self.sync_free = cfg.speed.sync_free
+        self.read_every = [n for n in (cfg.train.log_every, cfg.eval.every, cfg.train.save_every) if n]
         self.device_skips = 0  # set on read steps: steps skipped on the device since the previous read
         self._counters: torch.Tensor | None = None  # (3,) int32 on the device: skipped, run of skips, any applied
         self.phases: PhaseTimer | None = None  # set by `gptforge bench` to split each step's time
@@ -592,7 +592,7 @@ class Stepper:
         return loss, grad_norm, reason
 
     def _device_step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """train.sync_free between read steps: the same update, every decision taken on the device, nothing
+        """speed.sync_free between read steps: the same update, every decision taken on the device, nothing
         read back. Non-finite steps are skipped by masked_step (the spike rule waits for a read step). Returns
         the loss and gradient norm as 0-dim device tensors."""
         stats = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float()])

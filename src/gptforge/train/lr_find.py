@@ -7,9 +7,9 @@ the curve: the rate where the smoothed loss falls fastest (steepest descent agai
 conservative one, a tenth of the rate at the lowest loss.
 
 The sweep is built from the same pieces as `gptforge train` (model, precision, build_optimizer, loader,
-Stepper), so it measures the optimizer users train with. The rate swept is train.lr; every parameter group
-follows it the way it follows the schedule in training (with train.optimizer=muon the hidden matrices' rate
-train.muon_lr is scaled by the same multiplier), so the suggestion is a value of train.lr.
+Stepper), so it measures the optimizer users train with. The rate swept is optim.lr; every parameter group
+follows it the way it follows the schedule in training (with optim.name=muon the hidden matrices' rate
+optim.muon_lr is scaled by the same multiplier), so the suggestion is a value of optim.lr.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def _check_args(cfg: Config, min_lr: float, max_lr: float, steps: int) -> None:
 
 
 def _build_model(cfg: Config, data, device: torch.device) -> tuple[Config, GPT]:
-    """A fresh model as train() builds it: the data's vocabulary, or the weights of train.init_from."""
-    source = _init_source(cfg, data) if cfg.train.init_from else None
+    """A fresh model as train() builds it: the data's vocabulary, or the weights of finetune.init_from."""
+    source = _init_source(cfg, data) if cfg.finetune.init_from else None
     model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
         dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -119,11 +119,11 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
     validate(cfg, world.world_size)
     data = resolve_data(cfg)
     device = training_device(cfg, world)
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.speed.precision, device)
     cfg, raw_model = _build_model(cfg, data, device)
-    model, _ = distribute(raw_model, cfg.dist, world, device, compile=cfg.train.compile)
-    optimizer = build_optimizer(raw_model, cfg.train, device.type)
-    masks = _sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
+    model, _ = distribute(raw_model, cfg.dist, world, device, compile=cfg.speed.compile)
+    optimizer = build_optimizer(raw_model, cfg.optim, device.type)
+    masks = _sparsity_masks(raw_model) if cfg.finetune.keep_sparsity else []
     stepper = Stepper(model, raw_model, optimizer, precision.grad_scaler(), precision, world, cfg, masks)
     layout = Layout(cfg.model.block_size, cfg.train.batch_size, cfg.grad_accum_steps(world.world_size),
                     world.rank, world.world_size)
@@ -131,7 +131,7 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
                          prefetch=cfg.data.prefetch)
     planned = lr_sweep(min_lr, max_lr, steps)
     beta = smoothing_beta(steps)
-    losses, smoothed, diverged = _sweep(stepper, loader, planned, cfg.train.lr, beta, report)
+    losses, smoothed, diverged = _sweep(stepper, loader, planned, cfg.optim.lr, beta, report)
     lrs = planned[: len(losses)]
     return {
         **environment(device, precision.name, world.world_size),
@@ -145,7 +145,7 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
 def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: float, beta: float,
            report: Callable[[str], None]) -> tuple[list[float], list[float], bool]:
     """One optimizer step per rate; stops when the smoothed loss diverges. Returns raw and smoothed losses.
-    Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / train.lr."""
+    Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / optim.lr."""
     losses, smoothed, best = [], [], math.inf
     stepper.model.train()
     try:
@@ -166,10 +166,10 @@ def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: flo
 
 
 def _suggestion(cfg: Config, lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
-    """suggest(), plus the config key to set and, for muon, the matching train.muon_lr."""
-    found = {**suggest(lrs, smoothed), "key": "train.lr"}
-    if cfg.train.optimizer == "muon":
-        scale = cfg.train.muon_lr / cfg.train.lr
+    """suggest(), plus the config key to set and, for muon, the matching optim.muon_lr."""
+    found = {**suggest(lrs, smoothed), "key": "optim.lr"}
+    if cfg.optim.name == "muon":
+        scale = cfg.optim.muon_lr / cfg.optim.lr
         found["muon_lr"] = {"steepest": found["steepest"] * scale, "conservative": found["conservative"] * scale}
     return found
 
@@ -228,7 +228,7 @@ def summary(record: dict[str, Any]) -> list[str]:
         lines.append("the loss never fell below its first value: lower --min-lr (or check the data)")
     muon = s.get("muon_lr")
     for name, label in (("steepest", "steepest descent"), ("conservative", "min loss / 10   ")):
-        extra = f" train.muon_lr={muon[name]:.2e}" if muon else ""
+        extra = f" optim.muon_lr={muon[name]:.2e}" if muon else ""
         lines.append(f"  {label}  {s['key']}={s[name]:.2e}{extra}")
     lines.append(f"  (lowest smoothed loss {s['min_loss']:.4f} at {s['min_loss_lr']:.2e})")
     lines.append(f"set it with {s['key']}=VALUE, e.g. gptforge train {s['key']}={s['steepest']:.2e}"

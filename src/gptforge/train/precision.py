@@ -1,4 +1,4 @@
-"""Numeric precision: what `train.precision=auto` picks on each device, and the autocast / scaler it needs.
+"""Numeric precision: what `speed.precision=auto` picks on each device, and the autocast / scaler it needs.
 
 auto means what the device does well, not habit: bf16 autocast on GPUs with bf16, fp16 with a gradient
 scaler on older GPUs, and on CPUs fp32 unless the CPU has native bf16 matrix instructions (AVX512-BF16 or
@@ -57,7 +57,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """Turn `train.precision` into a concrete choice for this device, or explain why it cannot run here."""
+    """Turn `speed.precision` into a concrete choice for this device, or explain why it cannot run here."""
     kind = device.type
     if name == "auto":
         if kind == "cuda":
@@ -67,13 +67,13 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         else:
             name = "fp32"
     if name == "tf32" and kind != "cuda":
-        raise ConfigError(f"train.precision=tf32 needs a CUDA GPU (TensorFloat-32 tensor cores); this device is {kind}")
+        raise ConfigError(f"speed.precision=tf32 needs a CUDA GPU (TensorFloat-32 tensor cores); this device is {kind}")
     if name == "fp16" and kind == "cpu":
-        raise ConfigError("train.precision=fp16 is for GPUs; on a CPU use fp32 (or bf16 where the CPU has native bf16)")
+        raise ConfigError("speed.precision=fp16 is for GPUs; on a CPU use fp32 (or bf16 where the CPU has native bf16)")
     if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16: this GPU has no bf16 support; use fp16 or auto")
+        raise ConfigError("speed.precision=bf16: this GPU has no bf16 support; use fp16 or auto")
     if name == "bf16" and kind == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("train.precision=bf16 on a CPU without native bf16: expect it to be several times slower than fp32")
+        warnings.warn("speed.precision=bf16 on a CPU without native bf16: expect it to be several times slower than fp32")
     if kind == "cuda":
         # TF32 for the fp32 matmuls that remain (and all of them under tf32); bf16/fp16 autocast covers the rest.
         allow = name in ("tf32", "bf16", "fp16")
