@@ -46,7 +46,8 @@ def cpu_name() -> str:
 def fine_tune(source: Path, out: Path, steps: int) -> None:
     """The dense control: the source run trained `steps` more steps with its own settings."""
     tree = load_run(source, report=lambda m: None).config.to_dict()
-    tree["train"].update(init_from=str(source), max_steps=steps, max_tokens=None, max_time=None)
+    tree["finetune"]["init_from"] = str(source)
+    tree["train"].update(max_steps=steps, max_tokens=None, max_time=None)
     tree["run"]["dir"] = str(out)
     train(from_dict(tree))
 

@@ -1,6 +1,6 @@
 """fp32 against bf16 on this machine: a square matmul and the full training step (gptforge bench).
 
-Why `train.precision=auto` picks fp32 on CPUs without native bf16: the numbers, measured here.
+Why `speed.precision=auto` picks fp32 on CPUs without native bf16: the numbers, measured here.
 Writes benchmarks/results/cpu_precision.json.
 
     python benchmarks/cpu_precision.py [--preset small] [--steps 3]
@@ -49,7 +49,7 @@ def main() -> None:
         "train_step": {},
     }
     for precision in ("fp32", "bf16"):
-        overrides = [f"model.preset={args.preset}", f"train.precision={precision}", "train.batch_size=16"]
+        overrides = [f"model.preset={args.preset}", f"speed.precision={precision}", "train.batch_size=16"]
         if args.data:
             overrides.append(f"data.dir={args.data}")
         record = bench(load_config(None, overrides), steps=args.steps, warmup=1)

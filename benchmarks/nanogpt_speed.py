@@ -19,7 +19,7 @@ Like for like: the same vocabulary (nanoGPT's is set to gptforge's padded one th
 written here, never read), fp32 on a CPU (nanoGPT never autocasts on a CPU), bf16 autocast on a GPU, and
 --compile on both sides or neither. Known differences: nanoGPT reads each batch inline, gptforge builds
 batches ahead in a background thread (data.prefetch); gptforge's AdamW is the fused one
-(train.fused_optimizer), nanoGPT's is fused on CUDA only. Those are part of the step each of them gives its
+(optim.fused), nanoGPT's is fused on CUDA only. Those are part of the step each of them gives its
 users. The first --warmup iterations of each are not timed. Run it on an otherwise idle machine.
 
 --interleaved: instead of running train.py, nanoGPT's model and optimizer are imported from the checkout
@@ -57,8 +57,8 @@ ITER_LINE = re.compile(r"^iter (\d+): loss ([-\d.naif]+), time ([\d.]+)ms", re.M
 PARAMS_LINE = re.compile(r"number of parameters: ([\d.]+)M")
 NANOGPT_ARCH = ["model.pos=learned", "model.norm=layernorm", "model.mlp=gelu_exact", "model.bias=false",
                 "model.tie_embeddings=true", "model.dropout=0.0", "model.qk_norm=false", "model.logit_softcap=0.0",
-                "model.zero_init_proj=false", "train.optimizer=adamw", "train.beta1=0.9", "train.beta2=0.95",
-                "train.weight_decay=0.1"]
+                "model.zero_init_proj=false", "optim.name=adamw", "optim.beta1=0.9", "optim.beta2=0.95",
+                "optim.weight_decay=0.1"]
 
 
 def write_peer_data(shards: list, out: Path) -> int:
@@ -246,8 +246,8 @@ def main() -> None:
 
     shape = [f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}", f"model.n_embd={args.n_embd}",
              f"model.block_size={args.block_size}"]
-    common = [*shape, f"train.batch_size={args.batch_size}", f"train.precision={precision}",
-              f"train.compile={args.compile.lower()}", f"train.device={args.device}"]
+    common = [*shape, f"train.batch_size={args.batch_size}", f"speed.precision={precision}",
+              f"speed.compile={args.compile.lower()}", f"train.device={args.device}"]
     if args.data:
         common.append(f"data.dir={args.data}")
     base = load_config(None, common)

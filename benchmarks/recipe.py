@@ -28,21 +28,21 @@ from gptforge.train.loop import train
 SHAPE = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.block_size=256", "train.batch_size=16"]
 # The starting point: gptforge's defaults before this comparison (AdamW at 3e-3, cosine, GPT-2 init).
 # Warmup is 10 steps throughout: a few minutes on a CPU are ~100 steps of this shape.
-BASE = ["train.optimizer=adamw", "model.mlp=gelu", "model.qk_norm=false", "model.zero_init_proj=false",
-        "train.schedule=cosine", "model.tie_embeddings=true", "model.logit_softcap=0", "train.warmup_steps=10"]
+BASE = ["optim.name=adamw", "model.mlp=gelu", "model.qk_norm=false", "model.zero_init_proj=false",
+        "schedule.name=cosine", "model.tie_embeddings=true", "model.logit_softcap=0", "schedule.warmup_steps=10"]
 ARCH = ["model.mlp=relu2", "model.qk_norm=true", "model.zero_init_proj=true"]
 VARIANTS: dict[str, list[str]] = {
     "adamw": BASE,
     "adamw+arch": BASE + ARCH,
-    "muon": BASE + ["train.optimizer=muon"],
-    "muon+relu2": BASE + ["train.optimizer=muon", "model.mlp=relu2"],
-    "muon+qk_norm": BASE + ["train.optimizer=muon", "model.qk_norm=true"],
-    "muon+zero_init": BASE + ["train.optimizer=muon", "model.zero_init_proj=true"],
-    "muon+arch": BASE + ["train.optimizer=muon"] + ARCH,
-    "muon+arch+wsd": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4"],
-    "muon+arch+wsd+untied": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4",
+    "muon": BASE + ["optim.name=muon"],
+    "muon+relu2": BASE + ["optim.name=muon", "model.mlp=relu2"],
+    "muon+qk_norm": BASE + ["optim.name=muon", "model.qk_norm=true"],
+    "muon+zero_init": BASE + ["optim.name=muon", "model.zero_init_proj=true"],
+    "muon+arch": BASE + ["optim.name=muon"] + ARCH,
+    "muon+arch+wsd": BASE + ["optim.name=muon"] + ARCH + ["schedule.name=wsd", "schedule.cooldown_frac=0.4"],
+    "muon+arch+wsd+untied": BASE + ["optim.name=muon"] + ARCH + ["schedule.name=wsd", "schedule.cooldown_frac=0.4",
                                                                      "model.tie_embeddings=false"],
-    "muon+arch+wsd+softcap": BASE + ["train.optimizer=muon"] + ARCH + ["train.schedule=wsd", "train.cooldown_frac=0.4",
+    "muon+arch+wsd+softcap": BASE + ["optim.name=muon"] + ARCH + ["schedule.name=wsd", "schedule.cooldown_frac=0.4",
                                                                       "model.logit_softcap=15"],
     "default": [],  # whatever `gptforge train` does today
     "default-zero_init": ["model.zero_init_proj=false"],  # the default with GPT-2's projection init
@@ -51,8 +51,8 @@ VARIANTS: dict[str, list[str]] = {
 
 def run(name: str, overrides: list[str], seconds: float, root: Path) -> dict:
     run_dir = root / name
-    cfg = load_config(None, [*SHAPE, *overrides, f"train.max_time={seconds}", "train.eval_every=0",
-                             "train.eval_tokens=32768", "train.save_every=0", "train.samples=0",
+    cfg = load_config(None, [*SHAPE, *overrides, f"train.max_time={seconds}", "eval.every=0",
+                             "eval.tokens=32768", "train.save_every=0", "train.samples=0",
                              "run.tensorboard=false", f"run.dir={run_dir}"])
     result = train(cfg)
     logs = [r for r in read_metrics(run_dir) if "tokens_per_sec" in r]

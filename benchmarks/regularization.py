@@ -45,18 +45,18 @@ SLICE_BYTES = 80_000
 FINETUNE_BYTES = 50_000
 DOC_BYTES = 4_000
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=128"]
-BASE = [*MODEL, "model.dropout=0", "train.weight_decay=0", "train.batch_size=16", "train.lr=3e-3",
-        "train.warmup_steps=30", "train.eval_tokens=16384", "train.samples=0", "train.log_every=10",
+BASE = [*MODEL, "model.dropout=0", "optim.weight_decay=0", "train.batch_size=16", "optim.lr=3e-3",
+        "schedule.warmup_steps=30", "eval.tokens=16384", "train.samples=0", "train.log_every=10",
         "run.tensorboard=false", "train.save_every=0", "train.max_time=null", "run.seed=1337"]
 VARIANTS = {
     "none": [],
     "none, another seed": ["run.seed=7"],  # the noise floor: differences below this one mean nothing
     "dropout 0.1": ["model.dropout=0.1"],
-    "weight decay 0.1": ["train.weight_decay=0.1"],
+    "weight decay 0.1": ["optim.weight_decay=0.1"],
     "span deletion 0.1": ["data.aug_span_delete=0.1"],
     "token noise 0.05": ["data.aug_token_noise=0.05"],
 }
-FINETUNES = {"fine-tune": [], "fine-tune + NEFTune 5": ["train.neftune_alpha=5"]}
+FINETUNES = {"fine-tune": [], "fine-tune + NEFTune 5": ["finetune.neftune_alpha=5"]}
 EVALS_PER_RUN = 25
 
 
@@ -113,7 +113,7 @@ def run(data: Path, run_dir: Path, steps: int, extra: list[str]) -> dict:
     eval_every = max(1, steps // EVALS_PER_RUN)
     start = time.perf_counter()
     train(load_config(None, [*BASE, f"data.dir={data}", f"run.dir={run_dir}", f"train.max_steps={steps}",
-                             f"train.eval_every={eval_every}", *extra]))
+                             f"eval.every={eval_every}", *extra]))
     wall = time.perf_counter() - start
     records = read_metrics(run_dir)
     evals = [r for r in records if "val_loss" in r]
@@ -167,11 +167,11 @@ def main() -> None:
         data, tuned, info = prepare_data(tmp)
         steps = calibrate(data, tmp, args.seconds)
         runs = {name: run(data, tmp / f"run{i}", steps, extra) for i, (name, extra) in enumerate(VARIANTS.items())}
-        init = f"train.init_from={tmp / 'run0'}"
+        init = f"finetune.init_from={tmp / 'run0'}"
         finetunes = {name: run(tuned, tmp / f"ft{i}", steps // 2, [init, *extra])
                      for i, (name, extra) in enumerate(FINETUNES.items())}
         for r in finetunes.values():  # the temporary folder means nothing once it is gone
-            r["overrides"] = ["train.init_from=<the 'none' run>" if o == init else o for o in r["overrides"]]
+            r["overrides"] = ["finetune.init_from=<the 'none' run>" if o == init else o for o in r["overrides"]]
         env = json.loads((tmp / "run0" / "environment.json").read_text())
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     env["command"] = f"{threads}python benchmarks/regularization.py --seconds {args.seconds:g}"

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from gptforge.bench.step import write_json
 from gptforge.config import load_config
 from gptforge.model.flops import flops_per_token
-from gptforge.model.gpt import GPT
+from gptforge.model import build_model
 from gptforge.observe.environment import environment
 from gptforge.train.optim import build_optimizer
 
@@ -76,14 +76,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value, after the shape below")
     args = parser.parse_args()
     shape = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.block_size=256",
-             "model.vocab_size=8192", "train.batch_size=16", "train.precision=fp32"]
+             "model.vocab_size=8192", "train.batch_size=16", "speed.precision=fp32"]
     cfg = load_config(None, [*shape, *([] if args.default_recipe else NANOGPT_ARCH), *args.overrides])
     m, B = cfg.model, cfg.train.batch_size
     torch.manual_seed(0)
     x = torch.randint(0, m.padded_vocab_size, (B, m.block_size))
     y = torch.randint(0, m.padded_vocab_size, (B, m.block_size))
-    model = GPT(m)
-    results = {"gptforge": profile_steps(model, build_optimizer(model, cfg.train, "cpu"), lambda g: g(x, y), args.steps)}
+    model = build_model(m)
+    results = {"gptforge": profile_steps(model, build_optimizer(model, cfg.optim, "cpu"), lambda g: g(x, y), args.steps)}
     if args.nanogpt:
         peer, opt = build_peer(args.nanogpt.resolve(), m.n_layer, m.n_head, m.n_embd, m.block_size,
                                m.padded_vocab_size, torch.device("cpu"))

@@ -95,7 +95,7 @@ def run_gptforge(data_dir: Path, run_dir: Path, seconds: float, extra: list[str]
     shape = [f"model.{k}={v}" for k, v in SHAPE.items()]
     cfg = load_config(None, [
         f"data.dir={data_dir}", *shape, f"train.batch_size={BATCH}", f"train.max_time={seconds}",
-        f"train.eval_tokens={EVAL_TOKENS}", "train.eval_every=20", "train.save_every=0", "train.samples=0",
+        f"eval.tokens={EVAL_TOKENS}", "eval.every=20", "train.save_every=0", "train.samples=0",
         f"run.dir={run_dir}", *extra,
     ])
     train(cfg)

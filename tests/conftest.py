@@ -43,7 +43,7 @@ def random_weights_run(data: Path, path: Path, step: int = 0) -> Path:
 
     vocab = load_data_dir(data).vocab_size
     cfg = load_config(None, [f"data.dir={data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
-                             "model.n_embd=64", "model.block_size=32", "train.batch_size=4", "train.eval_tokens=512"])
+                             "model.n_embd=64", "model.block_size=32", "train.batch_size=4", "eval.tokens=512"])
     torch.manual_seed(0)
     save_weights(path, GPT(cfg.model), cfg.to_dict(), step=step, tokenizer_file=data / "tokenizer.json")
     return path

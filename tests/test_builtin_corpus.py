@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_model_learns_on_the_builtin_corpus(tmp_path):
     cfg = load_config(None, [
-        "model.preset=tiny", "train.max_steps=100", "train.max_time=null", "train.lr=0.01", "train.eval_every=50",
-        "train.eval_tokens=8192", f"run.dir={tmp_path / 'run'}", "train.samples=1", "train.sample_tokens=40",
+        "model.preset=tiny", "train.max_steps=100", "train.max_time=null", "optim.lr=0.01", "eval.every=50",
+        "eval.tokens=8192", f"run.dir={tmp_path / 'run'}", "train.samples=1", "train.sample_tokens=40",
         "run.tensorboard=false",
     ])
     result = train(cfg)

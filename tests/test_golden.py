@@ -40,7 +40,7 @@ def test_golden_losses(tmp_path):
     cfg = load_config(None, [
         f"data.dir={data}", f"run.dir={tmp_path / 'run'}", "model.preset=tiny", "train.batch_size=4",
         "train.batch_tokens=512", "train.max_steps=12", "train.max_time=null", "train.log_every=1",
-        "train.eval_tokens=512", "train.samples=0", "run.deterministic=true", "run.tensorboard=false",
+        "eval.tokens=512", "train.samples=0", "run.deterministic=true", "run.tensorboard=false",
     ])
     train(cfg)
     got = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r]

@@ -37,7 +37,7 @@ if what == "before_rename":      # every checkpoint file written and fsynced, th
 elif what == "before_prune":     # the new checkpoint is in place, older ones not yet pruned
     import gptforge.train.checkpoint as c
     c.prune = killer(c.prune)
-elif what == "mid_step":         # after backward, before the optimizer update (whichever train.optimizer is)
+elif what == "mid_step":         # after backward, before the optimizer update (whichever optim.name is)
     import torch
     from gptforge.train.muon import Muon
     torch.optim.AdamW.step = killer(torch.optim.AdamW.step)
@@ -53,7 +53,7 @@ def args(data, run_dir, steps):
     return [
         "train", f"data.dir={data}", f"run.dir={run_dir}", "model.preset=tiny", "model.dropout=0.1",
         "train.batch_size=4", "train.batch_tokens=512", f"train.max_steps={steps}", "train.max_time=null",
-        "train.save_every=3", "train.eval_every=5", "train.log_every=1", "train.eval_tokens=1024",
+        "train.save_every=3", "eval.every=5", "train.log_every=1", "eval.tokens=1024",
         "train.samples=0", "run.deterministic=true", "run.tensorboard=false", "data.prefetch=2",
     ]
 

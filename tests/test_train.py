@@ -12,7 +12,7 @@ from gptforge.observe.metrics import read_metrics
 from gptforge.train import checkpoint
 from gptforge.train.loop import train
 
-TINY = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "train.eval_tokens=2048", "train.samples=0",
+TINY = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "eval.tokens=2048", "train.samples=0",
         "run.tensorboard=false"]
 
 
@@ -25,7 +25,7 @@ def losses(run_dir):
 
 
 def test_loss_falls_and_run_is_usable(small_data, tmp_path):
-    result = run(small_data, tmp_path / "r", "train.max_steps=120", "train.eval_every=60", "train.lr=0.01")
+    result = run(small_data, tmp_path / "r", "train.max_steps=120", "eval.every=60", "optim.lr=0.01")
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "r") if "val_loss" in r]
     assert evals[0] > 6.0 and evals[-1] < evals[0] - 1.5, evals
     assert result.step == 120 and (tmp_path / "r" / "config.yaml").is_file()
@@ -37,7 +37,7 @@ def test_loss_falls_and_run_is_usable(small_data, tmp_path):
 
 
 def test_every_metrics_line_has_its_keys(small_data, tmp_path):
-    run(small_data, tmp_path / "r", "train.max_steps=6", "train.log_every=2", "train.eval_every=3")
+    run(small_data, tmp_path / "r", "train.max_steps=6", "train.log_every=2", "eval.every=3")
     records = read_metrics(tmp_path / "r")
     train_lines = [r for r in records if "train_loss" in r]
     eval_lines = [r for r in records if "val_loss" in r]
@@ -59,6 +59,38 @@ def test_resume_continues_where_it_stopped(small_data, tmp_path):
     result = run(small_data, tmp_path / "r", "train.max_steps=8", "train.save_every=2")
     assert result.resumed_from == 4 and result.step == 8
     assert [r["step"] for r in read_metrics(tmp_path / "r") if r.get("event") == "resume"] == [4]
+
+
+def test_runs_saved_in_the_old_config_layout_load_and_resume(small_data, tmp_path):
+    """state.json of a run saved before the sections by concern: every key in train, no model.arch."""
+    from gptforge.config.load import MIGRATIONS
+    from gptforge.fileio import sha256_file
+
+    run(small_data, tmp_path / "r", "train.max_steps=2", "train.save_every=2", "optim.name=adamw", "optim.lr=0.02")
+    for ckpt in checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints"):
+        state = json.loads((ckpt / "state.json").read_text())
+        tree = state["config"]
+        del tree["model"]["arch"]
+        for old, new in MIGRATIONS.items():
+            section, name = new.split(".", 1)
+            if old.startswith("train.") and section != "guard":
+                tree["train"][old.split(".", 1)[1]] = tree[section].pop(name)
+        for section in ("optim", "schedule", "speed", "eval", "finetune"):
+            del tree[section]
+        (ckpt / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+        manifest["files"]["state.json"] = {"bytes": (ckpt / "state.json").stat().st_size,
+                                           "sha256": sha256_file(ckpt / "state.json")}
+        (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+    from gptforge.inference import load_checkpoint
+
+    loaded = load_checkpoint(tmp_path / "r")
+    assert loaded.config.optim.name == "adamw" and loaded.config.optim.lr == 0.02 and loaded.config.model.arch == "gpt"
+    with pytest.raises(CheckpointError, match="trained with optim.name=adamw"):  # read from the old train.optimizer
+        run(small_data, tmp_path / "r", "train.max_steps=4", "optim.name=muon")
+    result = run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2", "train.optimizer=adamw")
+    assert result.resumed_from == 2 and result.step == 4
 
 
 def test_resume_refuses_another_model(small_data, tmp_path):
@@ -106,7 +138,7 @@ def test_init_from_starts_from_the_source_weights(small_data, tmp_path):
     run(small_data, tmp_path / "a", "train.max_steps=10")
     last_a = [r["val_loss"] for r in read_metrics(tmp_path / "a") if "val_loss" in r][-1]
     # the model keys given here are ignored: the model section comes from the source run
-    run(small_data, tmp_path / "b", "train.max_steps=2", f"train.init_from={tmp_path / 'a'}", "model.n_layer=5")
+    run(small_data, tmp_path / "b", "train.max_steps=2", f"finetune.init_from={tmp_path / 'a'}", "model.n_layer=5")
     first_b = [r["val_loss"] for r in read_metrics(tmp_path / "b") if "val_loss" in r][0]
     assert first_b == last_a
     assert gptforge.load(tmp_path / "b")[0].config.n_layer == 2
@@ -126,7 +158,7 @@ def test_weights_only_runs_are_fine_tuned_not_resumed(small_data, tmp_path):
     with pytest.raises(CheckpointError, match="weights only"):
         run(small_data, tmp_path / "w", "train.max_steps=4")
 
-    run(small_data, tmp_path / "c", "train.max_steps=4", f"train.init_from={tmp_path / 'w'}", "train.keep_sparsity=true")
+    run(small_data, tmp_path / "c", "train.max_steps=4", f"finetune.init_from={tmp_path / 'w'}", "finetune.keep_sparsity=true")
     tuned, _ = gptforge.load(tmp_path / "c")
     for before, after in zip(model.transformer.h, tuned.transformer.h):
         zeros = before.mlp.c_fc.weight == 0
@@ -138,8 +170,8 @@ def test_lora_fine_tune_trains_adapters_only_and_merges_on_load(small_data, tmp_
     from safetensors.torch import load_file
 
     run(small_data, tmp_path / "a", "train.max_steps=4")
-    lora = ["train.lora.rank=4", "train.lora.targets=c_attn,c_fc", f"train.init_from={tmp_path / 'a'}",
-            "train.save_every=2", "train.lr=0.01"]
+    lora = ["finetune.lora.rank=4", "finetune.lora.targets=c_attn,c_fc", f"finetune.init_from={tmp_path / 'a'}",
+            "train.save_every=2", "optim.lr=0.01"]
     run(small_data, tmp_path / "b", "train.max_steps=4", *lora)
     run(small_data, tmp_path / "b", "train.max_steps=6", *lora)  # resumes with the adapters in place
 
@@ -162,7 +194,7 @@ def test_quantization_aware_training_then_quantize(small_data, tmp_path):
     from gptforge.adapt.quantize import quantize_run
 
     run(small_data, tmp_path / "a", "train.max_steps=4")
-    run(small_data, tmp_path / "q", "train.max_steps=6", "train.qat=int8", f"train.init_from={tmp_path / 'a'}")
+    run(small_data, tmp_path / "q", "train.max_steps=6", "finetune.qat=int8", f"finetune.init_from={tmp_path / 'a'}")
     quantize_run(tmp_path / "q", tmp_path / "q8", "int8", 64, False)
     trained, _ = gptforge.load(tmp_path / "q")
     quantized, _ = gptforge.load(tmp_path / "q8")
@@ -178,5 +210,5 @@ def test_quantization_aware_training_then_quantize(small_data, tmp_path):
 def test_lora_and_qat_together_are_refused():
     from gptforge.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.qat"):
-        load_config(None, ["train.lora.rank=4", "train.qat=int8"])
+    with pytest.raises(ConfigError, match="finetune.qat"):
+        load_config(None, ["finetune.lora.rank=4", "finetune.qat=int8"])

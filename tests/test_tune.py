@@ -16,7 +16,7 @@ optuna = pytest.importorskip("optuna")
 from gptforge import tune as tn  # noqa: E402
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.batch_size=4",
-        "train.max_steps=4", "train.max_time=null", "train.eval_every=2", "train.eval_tokens=512",
+        "train.max_steps=4", "train.max_time=null", "eval.every=2", "eval.tokens=512",
         "train.samples=0", "train.save_every=0", "run.tensorboard=false", "data.prefetch=0"]
 
 
@@ -52,14 +52,14 @@ def test_study_runs_writes_best_and_resumes(small_data, tmp_path, capsys):
     losses = [t["val_loss"] for t in first["trials"]]
     assert losses == sorted(losses) and first["best"]["trial"] == first["trials"][0]["trial"]
     # the default optimizer is Muon, so its own learning rate is searched too
-    assert {"train.lr", "train.weight_decay", "model.dropout", "train.warmup_steps",
-            "train.muon_lr"} == set(first["best"]["params"])
+    assert {"optim.lr", "optim.weight_decay", "model.dropout", "schedule.warmup_steps",
+            "optim.muon_lr"} == set(first["best"]["params"])
     assert (study / "trials" / "0000" / "config.yaml").is_file() and (study / "trials" / "0001").is_dir()
 
     best = load_config(study / "best.yaml")
-    assert best.train.lr == pytest.approx(first["best"]["params"]["train.lr"])
+    assert best.optim.lr == pytest.approx(first["best"]["params"]["optim.lr"])
     assert best.model.dropout == pytest.approx(first["best"]["params"]["model.dropout"])
-    assert best.train.muon_lr == pytest.approx(first["best"]["params"]["train.muon_lr"])
+    assert best.optim.muon_lr == pytest.approx(first["best"]["params"]["optim.muon_lr"])
     assert best.train.max_steps == 4 and best.run.dir == str(study / "best")
 
     # A trial left RUNNING by a killed process is failed on resume; --trials counts every trial.
@@ -76,7 +76,7 @@ def test_study_runs_writes_best_and_resumes(small_data, tmp_path, capsys):
     assert by_number[3]["params"] not in [t["params"] for t in first["trials"]]
 
     # Resuming with another config would mix incomparable trials.
-    assert main(["tune", *overrides(small_data, "train.lr=0.01"), "--study-dir", str(study), "--trials", "5"]) == 2
+    assert main(["tune", *overrides(small_data, "optim.lr=0.01"), "--study-dir", str(study), "--trials", "5"]) == 2
     assert "made with another config" in capsys.readouterr().err
 
 
@@ -107,15 +107,15 @@ def test_failed_trial_is_recorded_and_its_folder_removed(small_data, tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("train.lrr: {low: 1.0e-4, high: 1.0e-2}\n", ["line 1", "train.lrr", "train.lr"]),
-    ("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\nmodel.dropout: {low: 0, hgh: 0.2}\n",
+    ("train.lrr: {low: 1.0e-4, high: 1.0e-2}\n", ["line 1", "train.lrr", "optim.lr"]),
+    ("optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\nmodel.dropout: {low: 0, hgh: 0.2}\n",
      ["line 2", "model.dropout", "hgh"]),
-    ("train.lr: {low: 1e-2, high: 1e-4}\n", ["line 1", "train.lr", "low must be below high"]),
-    ("train.lr: {low: 0, high: 1, log: true}\n", ["train.lr", "low > 0"]),
+    ("optim.lr: {low: 1e-2, high: 1e-4}\n", ["line 1", "optim.lr", "low must be below high"]),
+    ("optim.lr: {low: 0, high: 1, log: true}\n", ["optim.lr", "low > 0"]),
     ("model.mlp: {choices: []}\n", ["model.mlp", "non-empty list"]),
-    ("train.warmup_steps: {low: 0.5, high: 4, type: int}\n", ["train.warmup_steps", "whole-number"]),
-    ("train.lr: 0.01\n", ["train.lr", "low: A, high: B"]),
-    ("- train.lr\n", ["expected a mapping"]),
+    ("schedule.warmup_steps: {low: 0.5, high: 4, type: int}\n", ["schedule.warmup_steps", "whole-number"]),
+    ("optim.lr: 0.01\n", ["optim.lr", "low: A, high: B"]),
+    ("- optim.lr\n", ["expected a mapping"]),
     ("run.dir: [a, b]\n", ["run.dir"]),
     ("model.dropout: {low: 0.0, high: 1.5}\n", ["model.dropout=1.5", "invalid config", "probability"]),
 ])
@@ -131,28 +131,28 @@ def test_bad_space_file_is_a_clear_error(text, words, tmp_path, capsys):
 
 def test_space_file_replaces_the_default(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("train.lr: {low: 1e-4, high: 1e-2, log: true}\nmodel.mlp: [gelu, swiglu]\n"
-                    "train.warmup_steps: {low: 0, high: 10}\n")
+    path.write_text("optim.lr: {low: 1e-4, high: 1e-2, log: true}\nmodel.mlp: [gelu, swiglu]\n"
+                    "schedule.warmup_steps: {low: 0, high: 10}\n")
     space = tn.load_space(path)
-    assert set(space) == {"train.lr", "model.mlp", "train.warmup_steps"}
-    assert space["train.lr"].low == pytest.approx(1e-4) and space["train.lr"].log
-    assert space["model.mlp"].choices == ("gelu", "swiglu") and space["train.warmup_steps"].kind == "int"
+    assert set(space) == {"optim.lr", "model.mlp", "schedule.warmup_steps"}
+    assert space["optim.lr"].low == pytest.approx(1e-4) and space["optim.lr"].log
+    assert space["model.mlp"].choices == ("gelu", "swiglu") and space["schedule.warmup_steps"].kind == "int"
     with pytest.raises(ConfigError, match="not a config key"):
-        tn._parse_param("train.nope", {"low": 0, "high": 1}, "here", ["train.lr"])
+        tn._parse_param("train.nope", {"low": 0, "high": 1}, "here", ["optim.lr"])
 
 
 def test_default_space_follows_the_config():
-    space = tn.default_space(load_config(None, ["train.lr=0.002", "train.max_steps=400", "train.optimizer=muon"]))
-    assert space["train.lr"].low == pytest.approx(0.0002) and space["train.lr"].high == pytest.approx(0.02)
-    assert space["train.warmup_steps"].high == 100 and "train.muon_lr" in space
-    adamw = tn.default_space(load_config(None, ["train.lr=0.002", "train.optimizer=adamw"]))
-    assert "train.muon_lr" not in adamw and adamw["train.lr"].high == pytest.approx(0.02)
-    assert set(adamw) == {"train.lr", "train.weight_decay", "model.dropout", "train.warmup_steps"}
+    space = tn.default_space(load_config(None, ["optim.lr=0.002", "train.max_steps=400", "optim.name=muon"]))
+    assert space["optim.lr"].low == pytest.approx(0.0002) and space["optim.lr"].high == pytest.approx(0.02)
+    assert space["schedule.warmup_steps"].high == 100 and "optim.muon_lr" in space
+    adamw = tn.default_space(load_config(None, ["optim.lr=0.002", "optim.name=adamw"]))
+    assert "optim.muon_lr" not in adamw and adamw["optim.lr"].high == pytest.approx(0.02)
+    assert set(adamw) == {"optim.lr", "optim.weight_decay", "model.dropout", "schedule.warmup_steps"}
     cfg = load_config(None, [])  # the default optimizer is Muon
-    assert cfg.train.optimizer == "muon"
-    muon = tn.default_space(cfg)["train.muon_lr"]
-    assert muon.log and muon.low == pytest.approx(cfg.train.muon_lr / 5)
-    assert muon.high == pytest.approx(cfg.train.muon_lr * 5)
+    assert cfg.optim.name == "muon"
+    muon = tn.default_space(cfg)["optim.muon_lr"]
+    assert muon.log and muon.low == pytest.approx(cfg.optim.muon_lr / 5)
+    assert muon.high == pytest.approx(cfg.optim.muon_lr * 5)
 
 
 def test_missing_optuna_says_how_to_install(monkeypatch, capsys):

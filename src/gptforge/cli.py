@@ -15,7 +15,7 @@ Train, adapt, compress, check and serve GPT models.
 
   gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards
   gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
-  gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested train.lr
+  gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested optim.lr
   gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
@@ -96,7 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
     if data.vocab_size > run.config.model.vocab_size:
         raise GptforgeError(f"{data.path} has {data.vocab_size} token ids, the model only {run.config.model.vocab_size}")
     cfg = run.config
-    tokens = args.tokens or cfg.train.eval_tokens
+    tokens = args.tokens or cfg.eval.tokens
     batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens)
     tokenizer = data.tokenizer or run.tokenizer
     token_bytes = None
@@ -182,18 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or resume a GPT", formatter_class=raw, epilog=keys_help(),
                        description="Train a GPT. With no data.dir, trains on the built-in corpus (the Python standard "
                        "library's source). A run.dir holding checkpoints is resumed from its newest intact one.")
-    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layer=4 train.max_steps=200")
     p.set_defaults(func=_train)
 
     from gptforge import tune
     from gptforge.train import lr_find
 
-    p = sub.add_parser("lr-find", help="learning-rate range test: a suggested train.lr", formatter_class=raw,
+    p = sub.add_parser("lr-find", help="learning-rate range test: a suggested optim.lr", formatter_class=raw,
                        epilog="Takes the same config keys as train (see gptforge train --help).",
                        description="Train a fresh model for --steps steps while the learning rate grows "
                        "exponentially from --min-lr to --max-lr; stop once the smoothed loss diverges (4x its "
-                       "best). Suggests train.lr: the rate of steepest descent and a conservative one (a tenth "
+                       "best). Suggests optim.lr: the rate of steepest descent and a conservative one (a tenth "
                        "of the rate at the lowest loss). Writes lr_find.json and, with matplotlib, lr_find.png.")
     lr_find.add_lr_find_arguments(p)
     p.set_defaults(func=lr_find.run_lr_find)
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run on a validation split: its own data, or --data DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's own data)")
-    p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the run's train.eval_tokens)")
+    p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the run's eval.tokens)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's train.batch_size)")
     p.add_argument("--precision", default="auto", help="auto, fp32, tf32, bf16 or fp16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time the training step (data, forward, backward, optimizer) after a warm-up: "
                        "tokens/s, MFU, peak memory, data wait. With --nproc N, runs 1 and N processes and reports "
                        "scaling efficiency and the time spent communicating.")
-    p.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 10; 5 with --ablate)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3; 2 with --ablate)")

@@ -40,10 +40,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
         from gptforge.adapt.qlinear import build_quantized
 
         build_quantized(model, state["quantization"])
-    if cfg.train.lora.rank:  # adapters are stored beside the base weights; fold them in for use
+    if cfg.finetune.lora.rank:  # adapters are stored beside the base weights; fold them in for use
         from gptforge.adapt.lora import apply_lora, merge_lora
 
-        apply_lora(model, cfg.train.lora)
+        apply_lora(model, cfg.finetune.lora)
         checkpoint.load_weights(model, ckpt)
         merge_lora(model)
     elif checkpoint.is_sharded(ckpt):  # verified against its manifest by resolve() above
@@ -77,8 +77,8 @@ def check_output(out: Path, source: Path, force: bool) -> None:
 def output_config(loaded: LoadedRun, out: Path) -> dict:
     """The source run's config for a run at `out` of its loaded weights, in which LoRA adapters are merged."""
     cfg = loaded.config
-    train = dataclasses.replace(cfg.train, lora=dataclasses.replace(cfg.train.lora, rank=0))
-    return dataclasses.replace(cfg, train=train, run=dataclasses.replace(cfg.run, dir=str(out))).to_dict()
+    finetune = dataclasses.replace(cfg.finetune, lora=dataclasses.replace(cfg.finetune.lora, rank=0))
+    return dataclasses.replace(cfg, finetune=finetune, run=dataclasses.replace(cfg.run, dir=str(out))).to_dict()
 
 
 def source_info(run: Path, loaded: LoadedRun) -> dict:

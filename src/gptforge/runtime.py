@@ -91,10 +91,10 @@ def capabilities(device: torch.device) -> Capabilities:
 
 
 def torchao_float8() -> str | None:
-    """The torchao version when its float8 training module imports (what train.fp8 uses), else None."""
+    """The torchao version when its float8 training module imports (what speed.fp8 uses), else None."""
     try:
         import torchao.float8  # noqa: F401
-    except Exception:  # not installed, or an old or broken torchao that cannot run train.fp8
+    except Exception:  # not installed, or an old or broken torchao that cannot run speed.fp8
         return None
     import torchao
 
@@ -109,20 +109,20 @@ def _version(package: str) -> str | None:
 
 
 def check_fp8(device: torch.device) -> None:
-    """Raise a ConfigError unless train.fp8 can run here: torchao installed, a CUDA device of compute
+    """Raise a ConfigError unless speed.fp8 can run here: torchao installed, a CUDA device of compute
     capability 8.9 or newer (Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores)."""
     if torchao_float8() is None:
-        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}")
+        raise ConfigError(f"speed.fp8=true needs torchao: {FP8_INSTALL}")
     if device.type != "cuda":
-        raise ConfigError(f"train.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
+        raise ConfigError(f"speed.fp8=true needs a CUDA GPU; this device is {device.type} (fp8 needs Hopper/Ada (sm_89+))")
     caps = capabilities(device)
     if not caps.fp8_cores:
-        raise ConfigError(f"train.fp8=true: this GPU is {caps.sm}; fp8 needs Hopper/Ada (sm_89+). "
-                          "Use train.precision=bf16 instead")
+        raise ConfigError(f"speed.fp8=true: this GPU is {caps.sm}; fp8 needs Hopper/Ada (sm_89+). "
+                          "Use speed.precision=bf16 instead")
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """Turn `train.precision` into a concrete choice for this device, or explain why it cannot run here."""
+    """Turn `speed.precision` into a concrete choice for this device, or explain why it cannot run here."""
     kind = device.type
     native_bf16 = capabilities(device).native_bf16 if kind in ("cuda", "cpu") else False
     if name == "auto":
@@ -133,13 +133,13 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         else:
             name = "fp32"
     if name == "tf32" and kind != "cuda":
-        raise ConfigError(f"train.precision=tf32 needs a CUDA GPU (TensorFloat-32 tensor cores); this device is {kind}")
+        raise ConfigError(f"speed.precision=tf32 needs a CUDA GPU (TensorFloat-32 tensor cores); this device is {kind}")
     if name == "fp16" and kind == "cpu":
-        raise ConfigError("train.precision=fp16 is for GPUs; on a CPU use fp32 (or bf16 where the CPU has native bf16)")
+        raise ConfigError("speed.precision=fp16 is for GPUs; on a CPU use fp32 (or bf16 where the CPU has native bf16)")
     if name == "bf16" and kind == "cuda" and not native_bf16:
-        raise ConfigError("train.precision=bf16: this GPU has no bf16 support; use fp16 or auto")
+        raise ConfigError("speed.precision=bf16: this GPU has no bf16 support; use fp16 or auto")
     if name == "bf16" and kind == "cpu" and not native_bf16:
-        warnings.warn("train.precision=bf16 on a CPU without native bf16: expect it to be several times slower than fp32")
+        warnings.warn("speed.precision=bf16 on a CPU without native bf16: expect it to be several times slower than fp32")
     if kind == "cuda":
         # TF32 for the fp32 matmuls that remain (and all of them under tf32); bf16/fp16 autocast covers the rest.
         allow = name in ("tf32", "bf16", "fp16")

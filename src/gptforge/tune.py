@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from gptforge import __version__
-from gptforge.config import Config, describe_keys, from_dict, load_config, save_config
+from gptforge.config import Config, canonical_key, close_keys, describe_keys, from_dict, load_config, save_config
 from gptforge.errors import CheckpointError, ConfigError, DataError, GptforgeError
 from gptforge.observe.environment import command_line, git_sha
 
@@ -43,16 +43,16 @@ run with a larger N adds the difference. A trial that fails is marked FAIL and i
 One tune process per study at a time.
 
 Default search space (around your config's values):
-  train.lr            log-uniform, train.lr / 10 .. train.lr x 10
-  train.weight_decay  uniform, 0 .. 0.2
-  model.dropout       uniform, 0 .. 0.2
-  train.warmup_steps  integer, 0 .. train.max_steps / 4 (without max_steps: 0 .. 2 x train.warmup_steps)
-  train.muon_lr       log-uniform, train.muon_lr / 5 .. train.muon_lr x 5 (train.optimizer=muon only:
-                      each optimizer adds the ranges of its own keys)
+  optim.lr               log-uniform, optim.lr / 10 .. optim.lr x 10
+  optim.weight_decay     uniform, 0 .. 0.2
+  model.dropout          uniform, 0 .. 0.2
+  schedule.warmup_steps  integer, 0 .. train.max_steps / 4 (without max_steps: 0 .. 2 x schedule.warmup_steps)
+  optim.muon_lr          log-uniform, optim.muon_lr / 5 .. optim.muon_lr x 5 (optim.name=muon only: each
+                         optimizer adds the ranges of its own keys)
 
 --space FILE replaces it with a YAML mapping of config keys, each a range or a list of choices:
-  train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
-  train.warmup_steps: {low: 0, high: 100, type: int}
+  optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+  schedule.warmup_steps: {low: 0, high: 100, type: int}
   model.mlp: {choices: [gelu, swiglu]}
   model.n_layer: [2, 4, 6]
 
@@ -106,21 +106,27 @@ class Param:
             return {"choices": list(self.choices)}
         return {"low": self.low, "high": self.high, "log": self.log, "type": self.kind}
 
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"{self.key} in {list(self.choices)}"
+        scale = "log " if self.log else ""
+        return f"{self.key} {scale}{self.kind} {self.low:g}..{self.high:g}"
+
 
 def default_space(cfg: Config) -> dict[str, Param]:
     """The default search space, around the config's own values (see TUNE_HELP)."""
-    t = cfg.train
-    warmup_high = t.max_steps // 4 if t.max_steps is not None else 2 * t.warmup_steps
+    optim, steps = cfg.optim, cfg.train.max_steps
+    warmup_high = steps // 4 if steps is not None else 2 * cfg.schedule.warmup_steps
     space = [
-        Param("train.lr", t.lr / 10, t.lr * 10, log=True),
-        Param("train.weight_decay", 0.0, 0.2),
+        Param("optim.lr", optim.lr / 10, optim.lr * 10, log=True),
+        Param("optim.weight_decay", 0.0, 0.2),
         Param("model.dropout", 0.0, 0.2),
-        Param("train.warmup_steps", 0, max(1, warmup_high), kind="int"),
+        Param("schedule.warmup_steps", 0, max(1, warmup_high), kind="int"),
     ]
     from gptforge.train.optim import OPTIMIZERS
 
-    for key, low, high in OPTIMIZERS[t.optimizer].tune_ranges:  # the optimizer's own keys, around their values
-        value = getattr(t, key.split(".", 1)[1])
+    for key, low, high in OPTIMIZERS[optim.name].tune_ranges:  # the optimizer's own keys, around their values
+        value = getattr(optim, key.split(".", 1)[1])
         space.append(Param(key, value * low, value * high, log=True))
     return {p.key: p for p in space}
 
@@ -138,18 +144,17 @@ def load_space(path: str | Path) -> dict[str, Param]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict) or not tree:
         raise ConfigError(f"{path}: expected a mapping of config keys to ranges or choices, e.g. "
-                          "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")
+                          "optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")
     lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
     valid = [key for key, _, _ in describe_keys()]
-    return {str(key): _parse_param(str(key), spec, f"{path}, line {lines.get(str(key), '?')}", valid)
-            for key, spec in tree.items()}
+    params = [_parse_param(canonical_key(str(key)), spec, f"{path}, line {lines.get(str(key), '?')}", valid)
+              for key, spec in tree.items()]  # a key of an earlier version (train.lr) searches its current one
+    return {p.key: p for p in params}
 
 
 def _parse_param(key: str, spec: Any, where: str, valid: list[str]) -> Param:
     if key not in valid:
-        import difflib
-
-        close = difflib.get_close_matches(key, valid, n=3)
+        close = close_keys(key)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{where}: {key!r} is not a config key{hint}")
     if key == "run.dir":
@@ -265,7 +270,7 @@ def tune(cfg: Config, trials: int, study_dir: str | Path, space: dict[str, Param
 def _open_study(optuna, study_dir: Path, cfg: Config, base: dict[str, Any], space: dict[str, Param], pruner):
     """Create the study, or load it and check it was made with the same config and space."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    first_eval = cfg.train.eval_every or 1
+    first_eval = cfg.eval.every or 1
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=f"sqlite:///{study_dir / 'study.db'}", direction="minimize",
         pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=first_eval),
@@ -435,7 +440,7 @@ def results_table(results: dict[str, Any]) -> list[str]:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     parser.add_argument("--trials", type=int, required=True, metavar="N",
                         help="total trials in the study (a resumed study runs only the missing ones)")

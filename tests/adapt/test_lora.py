@@ -123,5 +123,5 @@ def test_mismatched_adapters_are_refused():
 
 def test_targets_matching_nothing_list_the_linear_layers():
     listed = "available: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj$"  # lm_head is never a target
-    with pytest.raises(ConfigError, match=rf"train.lora.targets='q_proj,lm_head' matches no linear layer; {listed}"):
+    with pytest.raises(ConfigError, match=rf"finetune.lora.targets='q_proj,lm_head' matches no linear layer; {listed}"):
         apply_lora(_model(), LoraConfig(rank=4, targets="q_proj,lm_head"))

@@ -1,5 +1,5 @@
 """NEFTune: uniform noise of half-width alpha / sqrt(T x C) on the token embeddings, in training mode only,
-from a hook that removes cleanly; the training loop hooks it on when train.neftune_alpha > 0."""
+from a hook that removes cleanly; the training loop hooks it on when finetune.neftune_alpha > 0."""
 
 import math
 
@@ -71,10 +71,10 @@ def test_bad_alpha_and_model():
 
 
 def test_training_loop_applies_it(small_data, tmp_path):
-    base = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=1024",
+    base = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "eval.tokens=1024",
             "train.samples=0", "run.tensorboard=false", "train.log_every=1", "train.max_steps=3", f"data.dir={small_data}"]
     train(load_config(None, [*base, f"run.dir={tmp_path / 'plain'}"]))
-    train(load_config(None, [*base, f"run.dir={tmp_path / 'nef'}", "train.neftune_alpha=10"]))
+    train(load_config(None, [*base, f"run.dir={tmp_path / 'nef'}", "finetune.neftune_alpha=10"]))
 
     def lines(run, key):
         return [r[key] for r in read_metrics(tmp_path / run) if key in r]

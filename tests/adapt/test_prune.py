@@ -31,7 +31,7 @@ def run(small_data, tmp_path_factory):
     vocab = load_data_dir(small_data).vocab_size
     cfg = load_config(None, [f"data.dir={small_data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
                              "model.n_embd=64", "model.block_size=32", "model.zero_init_proj=false",
-                             "train.batch_size=4", "train.eval_tokens=512", "train.samples=0", "train.eval_every=0",
+                             "train.batch_size=4", "eval.tokens=512", "train.samples=0", "eval.every=0",
                              "run.tensorboard=false"])
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("run") / "base"

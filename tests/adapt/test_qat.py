@@ -87,7 +87,7 @@ def test_qat_checkpoint_loads_into_a_plain_model(tmp_path):
 def test_training_loop_with_train_qat(small_data, tmp_path):
     cfg = load_config(None, [f"data.dir={small_data}", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
                              "model.block_size=32", "train.batch_size=4", "train.max_steps=3", "train.max_time=null",
-                             "train.eval_tokens=256", "train.eval_every=0", "train.samples=0", "train.qat=int4",
+                             "eval.tokens=256", "eval.every=0", "train.samples=0", "finetune.qat=int4",
                              "run.tensorboard=false", f"run.dir={tmp_path / 'qat'}"])
     train(cfg)
     loaded = load_run(tmp_path / "qat", report=lambda m: None)  # plain nn.Linear names

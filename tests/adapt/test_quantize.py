@@ -146,10 +146,10 @@ def test_a_lora_run_is_quantized_with_its_adapters_merged(small_data, tmp_path):
     # GPT-2 style attention (no qk_norm): the 2% bound below is calibrated on its error; sharper qk-normed
     # attention amplifies the (correct) int8 rounding of the large random adapters a little past it.
     cfg = load_config(None, [f"data.dir={small_data}", f"model.vocab_size={vocab}", "model.n_layer=2", "model.n_head=2",
-                             "model.n_embd=64", "model.block_size=32", "model.qk_norm=false", "train.lora.rank=4"])
+                             "model.n_embd=64", "model.block_size=32", "model.qk_norm=false", "finetune.lora.rank=4"])
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    apply_lora(model, cfg.train.lora)
+    apply_lora(model, cfg.finetune.lora)
     for name, tensor in lora_state_dict(model).items():
         if name.endswith("lora_B"):
             nn.init.normal_(tensor, std=0.1)

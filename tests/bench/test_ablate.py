@@ -11,8 +11,8 @@ from gptforge.errors import GptforgeError
 from gptforge.runtime import cpu_has_native_bf16
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.batch_size=4"]
-# the fused AdamW rung applies to train.optimizer=adamw only (the default, Muon, runs its AdamW part as its own loop)
-ADAMW = [*TINY, "train.optimizer=adamw"]
+# the fused AdamW rung applies to optim.name=adamw only (the default, Muon, runs its AdamW part as its own loop)
+ADAMW = [*TINY, "optim.name=adamw"]
 CPU = ab.DeviceInfo("cpu", "Test CPU", None, native_bf16=False, fused_adamw_cpu=True, compiler=True)
 H100 = ab.DeviceInfo("cuda", "NVIDIA H100", (9, 0), native_bf16=True, torchao=False, triton_runs=True)
 
@@ -31,12 +31,12 @@ def fake_runner(speeds, failing=()):
         seen.append(spec)
         v = values(spec)
         on = {
-            "tf32": v["train.precision"] == "tf32",
-            "bf16": v["train.precision"] == "bf16",
+            "tf32": v["speed.precision"] == "tf32",
+            "bf16": v["speed.precision"] == "bf16",
             "flash": not spec["math_attention"],
-            "fused_adamw": v["train.fused_optimizer"] == "true",
-            "compile": v["train.compile"] == "true",
-            "fused_kernels": v["train.fused_kernels"] == "true",
+            "fused_adamw": v["optim.fused"] == "true",
+            "compile": v["speed.compile"] == "true",
+            "fused_kernels": v["speed.fused_kernels"] == "true",
         }
         for name in failing:
             if on.get(name):
@@ -64,10 +64,10 @@ def test_each_rung_is_kept_only_if_it_beats_the_best_so_far(monkeypatch, small_d
     # bf16 was a loss: measured and shown, then left out of every later rung
     assert by["bf16"]["vs_first"]["speed"] == pytest.approx(0.1) and not by["bf16"]["kept"]
     assert "no native bf16" in by["bf16"]["note"]
-    assert all("train.precision=bf16" not in s["overrides"] for s in seen[2:])
+    assert all("speed.precision=bf16" not in s["overrides"] for s in seen[2:])
     # fused AdamW is a config switch: off in the base and the rung before it, on from its rung on once kept
-    assert [values(s)["train.fused_optimizer"] for s in seen] == ["false", "false", "true", "true", "true"]
-    assert by["fused_adamw"]["switch"] == ["train.fused_optimizer=true"] and "fused_adamw" not in seen[2]
+    assert [values(s)["optim.fused"] for s in seen] == ["false", "false", "true", "true", "true"]
+    assert by["fused_adamw"]["switch"] == ["optim.fused=true"] and "fused_adamw" not in seen[2]
     # gains relative to the last kept rung and to the first
     assert by["compile"]["against"] == "fused_adamw"
     assert by["compile"]["vs_kept"]["speed"] == pytest.approx(1.5)
@@ -76,10 +76,10 @@ def test_each_rung_is_kept_only_if_it_beats_the_best_so_far(monkeypatch, small_d
     assert by["fused_kernels"]["vs_kept"]["speed"] == pytest.approx(0.9)
     assert report["summary"]["best"]["rung"] == "compile"
     assert report["summary"]["speedup"] == pytest.approx(1.8)
-    assert "train.compile=true" in report["summary"]["best"]["switches"]
-    assert "train.fused_kernels=false" in report["summary"]["best"]["switches"]
-    assert "train.fused_optimizer=true" in report["summary"]["best"]["switches"]
-    assert "train.fused_optimizer=false" not in report["summary"]["best"]["switches"]
+    assert "speed.compile=true" in report["summary"]["best"]["switches"]
+    assert "speed.fused_kernels=false" in report["summary"]["best"]["switches"]
+    assert "optim.fused=true" in report["summary"]["best"]["switches"]
+    assert "optim.fused=false" not in report["summary"]["best"]["switches"]
     assert report["rule"].startswith("cumulative")
     for r in report["rungs"]:
         assert r["status"] == "ran" or r["reason"]
@@ -94,8 +94,8 @@ def test_with_the_default_muon_the_fused_adamw_rung_is_skipped(monkeypatch, smal
     assert by["fused_adamw"]["status"] == "skipped" and "muon" in by["fused_adamw"]["reason"]
     assert report["summary"]["skipped"] == ["tf32", "fused_adamw", "fp8"]
     assert report["summary"]["kept"] == ["fp32", "compile"]
-    assert all(values(s)["train.fused_optimizer"] == "false" for s in seen)
-    assert all("train.optimizer" not in values(s) or values(s)["train.optimizer"] == "muon" for s in seen)
+    assert all(values(s)["optim.fused"] == "false" for s in seen)
+    assert all("optim.name" not in values(s) or values(s)["optim.name"] == "muon" for s in seen)
 
 
 def test_a_failing_rung_is_reported_and_the_ladder_goes_on(monkeypatch, small_data):
@@ -149,12 +149,12 @@ def test_on_cuda_fused_adamw_is_measured_like_any_other_rung(monkeypatch, small_
     assert s["not_kept"] == ["fused_adamw"] and s["automatic"] == [] and s["skipped"] == ["fp8"]
     assert by["fused_adamw"]["against"] == "flash" and by["fused_adamw"]["vs_kept"]["speed"] == pytest.approx(0.95)
     ran = [r["rung"] for r in report["rungs"] if r["status"] == "ran"]
-    fused = {name: values(spec)["train.fused_optimizer"] for name, spec in zip(ran, seen)}
+    fused = {name: values(spec)["optim.fused"] for name, spec in zip(ran, seen)}
     assert fused == {"fp32": "false", "tf32": "false", "bf16": "false", "flash": "false", "fused_adamw": "true",
                      "compile": "false", "fused_kernels": "false"}
     # SDPA's math backend until the flash rung, its own choice from there on
     assert [spec["math_attention"] for spec in seen] == [True, True, True, False, False, False, False]
-    assert "train.fused_optimizer=false" in s["best"]["switches"] and s["best"]["flash_attention"] is True
+    assert "optim.fused=false" in s["best"]["switches"] and s["best"]["flash_attention"] is True
     assert s["speedup"] == pytest.approx(2.0 * 1.4 * 1.2 * 1.1)  # bf16 replaced tf32: their gains do not stack
 
 
@@ -189,9 +189,9 @@ def test_the_ladder_runs_on_this_cpu(small_data, tmp_path, capsys):
         if r["kept"]:
             best = r
     assert report["summary"]["best"]["rung"] == best["rung"]
-    assert by["bf16"]["spec"]["overrides"][-1] == "train.precision=bf16"
-    assert "train.fused_optimizer=false" in by["fp32"]["spec"]["overrides"]
-    assert values(by["fused_adamw"]["spec"])["train.fused_optimizer"] == "true"
+    assert by["bf16"]["spec"]["overrides"][-1] == "speed.precision=bf16"
+    assert "optim.fused=false" in by["fp32"]["spec"]["overrides"]
+    assert values(by["fused_adamw"]["spec"])["optim.fused"] == "true"
     if not cpu_has_native_bf16():
         assert any("without native bf16" in w for w in by["bf16"]["warnings"])
     printed = capsys.readouterr().out

@@ -104,7 +104,7 @@ def test_bad_rates_are_config_errors():
         load_config(None, ["data.aug_span_delete=-0.1"])
 
 
-TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=1024",
+TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "eval.tokens=1024",
         "train.samples=0", "run.tensorboard=false", "train.log_every=1", "run.deterministic=true"]
 AUG = ["data.aug_span_delete=0.5", "data.aug_token_noise=0.3"]
 
@@ -125,7 +125,7 @@ def test_training_is_augmented_and_evaluation_is_not(small_data, tmp_path):
     final = [r["val_loss"] for r in read_metrics(tmp_path / "aug") if "val_loss" in r][-1]
     loaded = load_run(tmp_path / "aug")
     cfg = loaded.config
-    val = val_batches(load_data_dir(small_data).val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens)
+    val = val_batches(load_data_dir(small_data).val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens)
     got = evaluate(loaded.model, val, resolve_precision("fp32", torch.device("cpu")))["val_loss"]
     assert got == pytest.approx(final, abs=1e-6)
 

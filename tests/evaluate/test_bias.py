@@ -57,8 +57,8 @@ def runs(tmp_path_factory):
             prepare([str(root / f"{name}.jsonl")], root / f"{name}-data", vocab_size=300, val_fraction=0.05,
                     progress=False)
             train(load_config(None, ["model.preset=tiny", f"data.dir={root / f'{name}-data'}", f"run.dir={root / name}",
-                                     "train.max_steps=150", "train.max_time=null", "train.lr=0.01", "train.samples=0",
-                                     "run.tensorboard=false", "train.eval_tokens=1024", "run.seed=0"]))
+                                     "train.max_steps=150", "train.max_time=null", "optim.lr=0.01", "train.samples=0",
+                                     "run.tensorboard=false", "eval.tokens=1024", "run.seed=0"]))
     finally:
         torch.set_num_threads(threads)
     return {name: root / name for name in ("biased", "balanced")}

@@ -284,10 +284,10 @@ def test_only_what_applies_is_swapped():
 def test_fused_ce_refuses_a_head_it_cannot_compute():
     model = GPT(tiny_config(tie_embeddings=False))
     apply_qat(model, "int8")  # fake-quantizes the untied head
-    with pytest.raises(ConfigError, match="train.fused_ce"):
+    with pytest.raises(ConfigError, match="speed.fused_ce"):
         apply_kernels(model, fused=False, fused_ce=True, ce_chunk_tokens=8)
-    with pytest.raises(ConfigError, match="train.fused_ce"):
-        load_config(None, ["train.fused_ce=true", "train.qat=int8", "model.tie_embeddings=false"])
+    with pytest.raises(ConfigError, match="speed.fused_ce"):
+        load_config(None, ["speed.fused_ce=true", "finetune.qat=int8", "model.tie_embeddings=false"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_fused_ce_refuses_a_head_it_cannot_compute():
 
 TINY = ["model.preset=tiny", "model.qk_norm=true", "model.logit_softcap=15", "model.vocab_multiple=384",
         "train.batch_size=2", "train.max_steps=3", "train.max_time=null", "train.log_every=1",
-        "train.eval_tokens=256", "train.samples=0", "run.tensorboard=false"]
+        "eval.tokens=256", "train.samples=0", "run.tensorboard=false"]
 
 
 def run_losses(data, run_dir, *extra) -> list[float]:
@@ -312,7 +312,7 @@ def plain_losses(small_data, tmp_path_factory) -> list[float]:
 
 @pytest.mark.parametrize("device", [REFERENCE, INTERPRETER], indirect=True)
 def test_training_with_fused_kernels_follows_the_plain_run(device, small_data, tmp_path, plain_losses):
-    fused = run_losses(small_data, tmp_path / "run", "train.fused_kernels=true", "train.fused_ce=true",
-                       "train.ce_chunk_tokens=50")
+    fused = run_losses(small_data, tmp_path / "run", "speed.fused_kernels=true", "speed.fused_ce=true",
+                       "speed.ce_chunk_tokens=50")
     assert len(fused) == len(plain_losses) == 5  # val at 0, train at 1..3, val at 3
     assert fused == pytest.approx(plain_losses, rel=1e-4)

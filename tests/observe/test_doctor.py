@@ -33,20 +33,20 @@ def test_quick_doctor_on_this_machine(tmp_path, capsys):
     assert rates["matmul_flops"]["fp32"] > 0 and rates["copy_gb_s"] > 0
     assert isinstance(facts["distributed"]["gloo"], bool) and isinstance(facts["distributed"]["nccl"], bool)
     keys = settings(report)
-    for key in ("train.precision", "train.compile", "train.fused_kernels", "train.fused_ce", "train.fp8",
-                "train.activation_checkpointing", "train.batch_size"):
+    for key in ("speed.precision", "speed.compile", "speed.fused_kernels", "speed.fused_ce", "speed.fp8",
+                "speed.activation_checkpointing", "train.batch_size"):
         assert key in keys and reasons(report)[key], key
         assert f"{key}={keys[key]}" in printed
     # every recommendation is a valid setting, and the precision runs on this machine's device
     load_config(None, [f"{k}={v}" for k, v in keys.items()])
     device = torch.device(doctor.primary_device(facts))
-    assert resolve_precision(keys["train.precision"], device).name == keys["train.precision"]
+    assert resolve_precision(keys["speed.precision"], device).name == keys["speed.precision"]
     assert {a["what"] for a in report["automatic"]} >= {"flash attention", "fused AdamW"}
     if device.type == "cpu":
         assert report["cpu_estimate"]["models"][0]["tokens_per_sec"] > 0
         assert "what trains here in 5 minutes" in printed
-        assert ("bf16" in rates["matmul_flops"]) and keys["train.precision"] == (
-            "fp32" if not facts["cpu"]["native_bf16"] else keys["train.precision"])
+        assert ("bf16" in rates["matmul_flops"]) and keys["speed.precision"] == (
+            "fp32" if not facts["cpu"]["native_bf16"] else keys["speed.precision"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,10 +86,10 @@ def test_cpu_without_native_bf16_gets_fp32_with_the_measured_ratio(monkeypatch):
     monkeypatch.setattr(doctor, "measure_rates", fake_rates(fp32=150e9, bf16=1e9))
     report = doctor.doctor(quick=True)
     s, why = settings(report), reasons(report)
-    assert s["train.precision"] == "fp32"
-    assert "150x slower" in why["train.precision"] and "no native bf16" in why["train.precision"]
-    assert s["train.compile"] == "false" and s["train.fused_kernels"] == "false" and s["train.fp8"] == "false"
-    assert s["train.batch_size"] == "16" and s["train.activation_checkpointing"] == "none"
+    assert s["speed.precision"] == "fp32"
+    assert "150x slower" in why["speed.precision"] and "no native bf16" in why["speed.precision"]
+    assert s["speed.compile"] == "false" and s["speed.fused_kernels"] == "false" and s["speed.fp8"] == "false"
+    assert s["train.batch_size"] == "16" and s["speed.activation_checkpointing"] == "none"
     assert report["facts"]["bf16"]["cpu"] == "emulated"
     est = report["cpu_estimate"]
     assert [m["model"] for m in est["models"]] == ["tiny", "default", "small"]
@@ -102,11 +102,11 @@ def test_cpu_with_native_bf16_gets_bf16_only_when_it_measured_faster(monkeypatch
     no_gpu(monkeypatch)
     monkeypatch.setattr(doctor, "probe_cpu", fake_cpu(native_bf16=True))
     monkeypatch.setattr(doctor, "measure_rates", fake_rates(fp32=100e9, bf16=300e9))
-    assert settings(doctor.doctor(quick=True))["train.precision"] == "bf16"
+    assert settings(doctor.doctor(quick=True))["speed.precision"] == "bf16"
     monkeypatch.setattr(doctor, "measure_rates", fake_rates(fp32=100e9, bf16=50e9))
     report = doctor.doctor(quick=True)
-    assert settings(report)["train.precision"] == "fp32"
-    assert "auto would pick bf16" in reasons(report)["train.precision"]
+    assert settings(report)["speed.precision"] == "fp32"
+    assert "auto would pick bf16" in reasons(report)["speed.precision"]
 
 
 def test_hopper_gpu_gets_the_gpu_settings(monkeypatch):
@@ -117,16 +117,16 @@ def test_hopper_gpu_gets_the_gpu_settings(monkeypatch):
     monkeypatch.setattr(doctor, "torchao_float8", lambda: None)  # no torchao
     report = doctor.doctor(quick=True)
     s = settings(report)
-    assert s["train.precision"] == "bf16" and "14.0x fp32" in reasons(report)["train.precision"]
-    assert s["train.compile"] == "true" and s["train.fused_kernels"] == "true" and s["train.fused_ce"] == "true"
-    assert s["train.batch_size"] == "auto" and s["train.sync_free"] == "true"
-    assert s["train.fp8"] == "false" and "torchao" in reasons(report)["train.fp8"]
+    assert s["speed.precision"] == "bf16" and "14.0x fp32" in reasons(report)["speed.precision"]
+    assert s["speed.compile"] == "true" and s["speed.fused_kernels"] == "true" and s["speed.fused_ce"] == "true"
+    assert s["train.batch_size"] == "auto" and s["speed.sync_free"] == "true"
+    assert s["speed.fp8"] == "false" and "torchao" in reasons(report)["speed.fp8"]
     assert report["cpu_estimate"] is None
     load_config(None, [f"{k}={v}" for k, v in s.items()])
 
     monkeypatch.setattr(doctor, "torchao_float8", lambda: "0.9.0")  # torchao installed
     report = doctor.doctor(quick=True)
-    assert settings(report)["train.fp8"] == "true" and report["facts"]["fp8"]["available"]
+    assert settings(report)["speed.fp8"] == "true" and report["facts"]["fp8"]["available"]
 
 
 def test_older_gpu_gets_fp16_and_no_fp8(monkeypatch):
@@ -136,9 +136,9 @@ def test_older_gpu_gets_fp16_and_no_fp8(monkeypatch):
         "importable": False, "version": None, "can_run": False, "how": None, "reason": "not installed"})
     report = doctor.doctor(quick=True)
     s, why = settings(report), reasons(report)
-    assert s["train.precision"] == "fp16" and "no native bf16" in why["train.precision"]
-    assert s["train.fp8"] == "false" and "sm_75" in why["train.fp8"]
-    assert s["train.fused_kernels"] == "false" and "not installed" in why["train.fused_kernels"]
+    assert s["speed.precision"] == "fp16" and "no native bf16" in why["speed.precision"]
+    assert s["speed.fp8"] == "false" and "sm_75" in why["speed.fp8"]
+    assert s["speed.fused_kernels"] == "false" and "not installed" in why["speed.fused_kernels"]
     assert report["facts"]["bf16"]["gpu"] is False
 
 
@@ -151,7 +151,7 @@ def test_compile_without_a_compiler_is_reported_unavailable(monkeypatch):
              "fp8": {"available": False, "reason": "no GPU"}, "distributed": {"nccl": False, "gloo": True},
              "fused_adamw": {"cpu": True, "cuda": False}, "rates": {"matmul_flops": {"fp32": 1e11}}}
     recs, _ = doctor.recommend(facts)
-    compile_rec = next(r for r in recs if r["key"] == "train.compile")
+    compile_rec = next(r for r in recs if r["key"] == "speed.compile")
     assert compile_rec["value"] == "false" and "unavailable" in compile_rec["reason"]
 
 
@@ -165,21 +165,21 @@ def test_fused_adamw_is_the_default_where_it_runs(monkeypatch):
 
     monkeypatch.setattr(doctor, "probe_fused_adamw", lambda: {"cpu": True, "cuda": False})
     report = doctor.doctor(quick=True)
-    assert "train.fused_optimizer" not in settings(report)  # the default runs here: nothing to set
-    assert "train.fused_optimizer=true (the default)" in fused_text(report) and "this CPU" in fused_text(report)
+    assert "optim.fused" not in settings(report)  # the default runs here: nothing to set
+    assert "optim.fused=true (the default)" in fused_text(report) and "this CPU" in fused_text(report)
 
     monkeypatch.setattr(doctor, "probe_fused_adamw", lambda: {"cpu": False, "cuda": False})
     report = doctor.doctor(quick=True)
-    assert settings(report)["train.fused_optimizer"] == "false"
-    assert "does not run on this CPU" in reasons(report)["train.fused_optimizer"]
+    assert settings(report)["optim.fused"] == "false"
+    assert "does not run on this CPU" in reasons(report)["optim.fused"]
     load_config(None, [f"{k}={v}" for k, v in settings(report).items()])
 
     fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
     monkeypatch.setattr(doctor, "measure_rates", fake_rates(fp32=50e12, bf16=700e12))
     monkeypatch.setattr(doctor, "probe_fused_adamw", lambda: {"cpu": True, "cuda": True})
     report = doctor.doctor(quick=True)
-    assert "train.fused_optimizer" not in settings(report)
-    assert "train.fused_optimizer=true (the default)" in fused_text(report) and "kernel launch" in fused_text(report)
+    assert "optim.fused" not in settings(report)
+    assert "optim.fused=true (the default)" in fused_text(report) and "kernel launch" in fused_text(report)
 
 
 def test_the_rate_loops_measure_something():

@@ -107,7 +107,7 @@ def test_a_run_ends_with_an_energy_event(small_data, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "energy_meter", lambda device: started_fake_meter(monkeypatch))
     loop.train(load_config(None, [
         "model.preset=tiny", "train.batch_size=4", "train.max_steps=2", "train.max_time=null", "train.samples=0",
-        "train.eval_tokens=512", "run.tensorboard=false", "run.price_per_hour=1.5", f"data.dir={small_data}",
+        "eval.tokens=512", "run.tensorboard=false", "run.price_per_hour=1.5", f"data.dir={small_data}",
         f"run.dir={tmp_path / 'r'}",
     ]))
     events = [r for r in read_metrics(tmp_path / "r") if r.get("event") == "energy"]

@@ -34,7 +34,7 @@ def run_dir(small_data, tmp_path_factory) -> Path:
     try:
         train(load_config(None, [
             "model.preset=tiny", f"data.dir={small_data}", f"run.dir={run}", "train.max_steps=20",
-            "train.max_time=null", "train.eval_every=5", "train.log_every=2", "train.samples=1",
+            "train.max_time=null", "eval.every=5", "train.log_every=2", "train.samples=1",
             "train.sample_tokens=20", "run.tensorboard=false",
         ]))
     finally:

@@ -41,7 +41,7 @@ if "CHECKSUM_DIR" in os.environ:
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
     from gptforge.train.muon import Muon
     calls = {"n": 0}
-    def dying(step):  # whichever optimizer train.optimizer picks
+    def dying(step):  # whichever optimizer optim.name picks
         def wrapped(self, *a, **k):
             calls["n"] += 1
             if calls["n"] > int(os.environ["KILL_AFTER"]):
@@ -59,7 +59,7 @@ def train_args(data, run_dir, steps, *extra):
     return [
         "train", f"data.dir={data}", f"run.dir={run_dir}", "model.preset=tiny", "train.batch_size=4",
         "train.batch_tokens=1024", f"train.max_steps={steps}", "train.max_time=null", "train.log_every=1",
-        "train.eval_every=3", "train.eval_tokens=1024", "train.save_every=2", "train.samples=0",
+        "eval.every=3", "eval.tokens=1024", "train.save_every=2", "train.samples=0",
         "run.tensorboard=false", "data.prefetch=0", *extra,
     ]
 

@@ -117,7 +117,7 @@ def test_batch_tokens_must_split_into_sequences_per_process():
 
 def tiny_model_and_config(*overrides):
     cfg = load_config(None, ["model.preset=tiny", "model.block_size=16", "model.vocab_size=256",
-                             "train.batch_size=auto", "train.eval_tokens=16", *overrides])
+                             "train.batch_size=auto", "eval.tokens=16", *overrides])
     torch.manual_seed(0)
     return GPT(cfg.model), cfg
 
@@ -187,7 +187,7 @@ def test_every_process_takes_the_smallest_size_and_a_resume_reuses_its_number(mo
 def test_a_run_stores_the_found_size_and_resumes_with_it(small_data, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "r"
     args = ["model.preset=tiny", "train.batch_size=auto", "train.batch_tokens=512", "train.max_time=null",
-            "train.eval_tokens=1024", "train.samples=0", "run.tensorboard=false", "train.save_every=2",
+            "eval.tokens=1024", "train.samples=0", "run.tensorboard=false", "train.save_every=2",
             f"data.dir={small_data}", f"run.dir={run_dir}"]
     train(load_config(None, [*args, "train.max_steps=2"]))
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"]

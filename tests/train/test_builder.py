@@ -16,8 +16,8 @@ from gptforge.train.loop import train
 from gptforge.train.resume import find_resume
 
 SRC = Path(gptforge.__file__).parent
-TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=256", "train.samples=0",
-        "run.tensorboard=false", "train.precision=fp32", "train.device=cpu"]
+TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "eval.tokens=256", "train.samples=0",
+        "run.tensorboard=false", "speed.precision=fp32", "train.device=cpu"]
 
 
 def config(data, run_dir, *extra):
@@ -45,7 +45,7 @@ def test_builder_applies_everything_in_its_documented_order(small_data, tmp_path
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(calls[-1]) or self)
     cfg = config(small_data, tmp_path / "r", "train.max_steps=4", "train.batch_size=auto",
-                 "train.activation_checkpointing=full", "train.compile=false")
+                 "speed.activation_checkpointing=full", "speed.compile=false")
     t = builder.build(cfg, World(), resume=resume)
     t.close()
     assert calls == ["weights", "adapters", "kernels and noise", "activation checkpointing", "batch size",

@@ -22,11 +22,11 @@ from gptforge.runtime import resolve_precision
 
 # A constant learning rate (the schedule does not depend on max_steps, so a run cut short is the same run)
 # and a large min_delta: val loss improves fast for a few evaluations, then by less than 0.15 per evaluation.
-STALLS = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "train.eval_tokens=1024",
+STALLS = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "eval.tokens=1024",
           "train.samples=0", "run.tensorboard=false", "run.deterministic=true", "data.prefetch=0",
-          "train.lr=0.01", "train.warmup_steps=2", "train.schedule=constant", "train.eval_every=4",
-          "train.save_every=4", "train.keep_checkpoints=1", "train.early_stop_patience=2",
-          "train.early_stop_min_delta=0.15"]
+          "optim.lr=0.01", "schedule.warmup_steps=2", "schedule.name=constant", "eval.every=4",
+          "train.save_every=4", "train.keep_checkpoints=1", "eval.early_stop_patience=2",
+          "eval.early_stop_min_delta=0.15"]
 
 
 def run(data, run_dir, *extra):
@@ -76,7 +76,7 @@ def test_early_stop_fires_and_keeps_the_best(small_data, stalled):
     loaded = load_run(best)
     cfg = loaded.config
     data = load_data_dir(small_data)
-    val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens)
+    val = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens)
     got = evaluate(loaded.model, val, resolve_precision("fp32", torch.device("cpu")))["val_loss"]
     assert got == pytest.approx(stop["best_val_loss"], abs=1e-6)
 
@@ -118,10 +118,10 @@ def test_a_stopped_run_stays_stopped(small_data, stalled, capsys):
 
 
 def test_keep_best_off_and_patience_off(small_data, tmp_path):
-    result = run(small_data, tmp_path / "off", "train.max_steps=8", "train.keep_best=false")
+    result = run(small_data, tmp_path / "off", "train.max_steps=8", "eval.keep_best=false")
     assert result.step == 8 and not (tmp_path / "off" / "best").exists()
-    result = run(small_data, tmp_path / "on", "train.max_steps=8", "train.early_stop_patience=0",
-                 "train.early_stop_min_delta=100")
+    result = run(small_data, tmp_path / "on", "train.max_steps=8", "eval.early_stop_patience=0",
+                 "eval.early_stop_min_delta=100")
     assert result.step == 8 and not events(tmp_path / "on", "early_stop")
     state = json.loads((tmp_path / "on" / "best" / "state.json").read_text())
     assert state["step"] == 4  # the first evaluation after training began; with a min_delta of 100 nothing after it

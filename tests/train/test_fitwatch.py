@@ -75,12 +75,12 @@ def test_flag_messages_name_the_numbers_and_the_keys():
     feed(watch, overfit_curve()[:7])
     [flag] = watch.observe(70, 2.85, 2.4)
     assert (flag.fields["val_loss_from"], flag.fields["val_loss_to"]) == pytest.approx((2.65, 2.85))
-    assert "train.weight_decay" in flag.message and "model.dropout" in flag.message
+    assert "optim.weight_decay" in flag.message and "model.dropout" in flag.message
     assert not {"val_loss", "train_loss"} & set(flag.fields)  # those keys mark evaluation and training lines
     watch = FitWatch(3, BASELINE)
     [flag] = [f for i in range(4) for f in watch.observe(10 * i, 4.7, 4.6)]
     assert flag.fields["high_line"] == pytest.approx(HIGH_FRACTION * BASELINE)
-    assert "model.depth" in flag.message and "train.lr" in flag.message
+    assert "model.depth" in flag.message and "optim.lr" in flag.message
 
 
 def test_train_loss_is_the_mean_since_the_last_evaluation():
@@ -129,13 +129,13 @@ def test_unigram_entropy(small_data, tmp_path):
     assert 3.0 < exact < math.log(512)
 
 
-TINY = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "train.eval_tokens=2048", "train.samples=0",
+TINY = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "eval.tokens=2048", "train.samples=0",
         "run.tensorboard=false", "train.log_every=10"]
 
 
 def test_real_healthy_run_is_quiet(small_data, tmp_path):
     train(load_config(None, [*TINY, f"data.dir={small_data}", f"run.dir={tmp_path / 'r'}", "train.max_steps=120",
-                             "train.eval_every=10", "train.lr=0.01"]))
+                             "eval.every=10", "optim.lr=0.01"]))
     records = read_metrics(tmp_path / "r")
     assert not [r for r in records if r.get("event") in ("overfitting", "underfitting")]
     evals = [r["val_loss"] for r in records if "val_loss" in r]
@@ -146,8 +146,8 @@ def test_real_healthy_run_is_quiet(small_data, tmp_path):
 
 def test_real_stuck_run_is_flagged_underfitting(small_data, tmp_path, capsys):
     train(load_config(None, [*TINY, f"data.dir={small_data}", f"run.dir={tmp_path / 'r'}", "train.max_steps=40",
-                             "train.eval_every=5", "train.lr=1e-5", "train.muon_lr=1e-5",
-                             "train.warmup_steps=0"]))
+                             "eval.every=5", "optim.lr=1e-5", "optim.muon_lr=1e-5",
+                             "schedule.warmup_steps=0"]))
     flags = [r for r in read_metrics(tmp_path / "r") if r.get("event") in ("overfitting", "underfitting")]
     assert [(r["event"], r["step"]) for r in flags] == [("underfitting", 20)]  # once: the first full window
     assert flags[0]["val_loss_to"] > flags[0]["high_line"]
@@ -156,6 +156,6 @@ def test_real_stuck_run_is_flagged_underfitting(small_data, tmp_path, capsys):
 
 def test_fit_watch_off(small_data, tmp_path):
     train(load_config(None, [*TINY, f"data.dir={small_data}", f"run.dir={tmp_path / 'r'}", "train.max_steps=20",
-                             "train.eval_every=5", "train.lr=1e-5", "guard.fit_watch=false"]))
+                             "eval.every=5", "optim.lr=1e-5", "guard.fit_watch=false"]))
     assert not [r for r in read_metrics(tmp_path / "r") if r.get("event") == "underfitting"]
     assert checkpoint.read_state(checkpoint.find_latest(tmp_path / "r"))["fit_watch"] is None

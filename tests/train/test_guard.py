@@ -55,9 +55,9 @@ def test_state_round_trip_decides_the_same():
     assert a.state_dict() == b.state_dict()
 
 
-GUARDED = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=1024",
-           "train.samples=0", "run.tensorboard=false", "train.log_every=1", "train.warmup_steps=5",
-           "train.schedule=constant", "train.lr=0.001", "guard.window=32", "guard.min_history=16",
+GUARDED = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "eval.tokens=1024",
+           "train.samples=0", "run.tensorboard=false", "train.log_every=1", "schedule.warmup_steps=5",
+           "schedule.name=constant", "optim.lr=0.001", "guard.window=32", "guard.min_history=16",
            "run.deterministic=true"]
 
 

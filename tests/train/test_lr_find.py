@@ -14,7 +14,7 @@ from gptforge.config import load_config
 from gptforge.train import lr_find as lrf
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.batch_size=4",
-        "train.max_steps=4", "train.eval_tokens=512", "train.samples=0", "run.tensorboard=false"]
+        "train.max_steps=4", "eval.tokens=512", "train.samples=0", "run.tensorboard=false"]
 
 
 def config(data, *extra):
@@ -47,7 +47,7 @@ def test_sweep_records_every_step_on_an_exponential_grid(small_data):
     assert all(math.isfinite(v) and v > 0 for v in record["losses"])
     s = record["suggestion"]
     assert 1e-5 <= s["steepest"] <= 1e-2 and 1e-5 <= s["min_loss_lr"] <= 1e-2
-    assert s["conservative"] == pytest.approx(s["min_loss_lr"] / 10) and s["key"] == "train.lr"
+    assert s["conservative"] == pytest.approx(s["min_loss_lr"] / 10) and s["key"] == "optim.lr"
 
 
 def test_a_huge_max_lr_diverges_and_stops_early(small_data):
@@ -70,12 +70,12 @@ def test_muon_groups_follow_the_same_multiplier(small_data, monkeypatch):
             return out
 
     monkeypatch.setattr(builder, "Stepper", Recording)  # the sweep steps what the builder builds
-    cfg = config(small_data, "train.optimizer=muon", "train.lr=0.004", "train.muon_lr=0.02")
+    cfg = config(small_data, "optim.name=muon", "optim.lr=0.004", "optim.muon_lr=0.02")
     record = lrf.lr_find(cfg, min_lr=1e-4, max_lr=1e-2, steps=6)
     for lr, groups in zip(record["lrs"], seen):
-        assert groups[False] == pytest.approx(lr)  # the AdamW groups sweep train.lr itself
+        assert groups[False] == pytest.approx(lr)  # the AdamW groups sweep optim.lr itself
         assert groups[True] == pytest.approx(lr * 0.02 / 0.004)  # Muon's rate, scaled alike
-    muon = record["suggestion"]["follows"]["train.muon_lr"]
+    muon = record["suggestion"]["follows"]["optim.muon_lr"]
     assert muon["steepest"] == pytest.approx(record["suggestion"]["steepest"] * 5)
 
 
@@ -84,7 +84,7 @@ def test_command_writes_json_and_plot(small_data, tmp_path, capsys):
     argv = ["lr-find", f"data.dir={small_data}", *TINY, "--steps", "8", "--max-lr", "1e-2", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "steepest descent" in printed and "train.lr=" in printed and "min loss / 10" in printed
+    assert "steepest descent" in printed and "optim.lr=" in printed and "min loss / 10" in printed
     record = json.loads((out / "lr_find.json").read_text())
     for key in ("lrs", "losses", "smoothed", "suggestion", "device", "torch", "git_sha", "command", "config"):
         assert key in record
@@ -99,7 +99,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_hint(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     lrs = [1e-3, 1e-2, 1e-1]
     record = {"lrs": lrs, "losses": [2.0, 1.0, 1.2], "smoothed": [2.0, 1.5, 1.4], "steps": 3, "diverged": False,
-              "suggestion": {**lrf.suggest(lrs, [2.0, 1.5, 1.4]), "key": "train.lr"}}
+              "suggestion": {**lrf.suggest(lrs, [2.0, 1.5, 1.4]), "key": "optim.lr"}}
     assert lrf.write_plot(record, tmp_path) is None
     monkeypatch.setattr(lrf, "lr_find", lambda *args, **kwargs: record)
     assert main(["lr-find", "--out", str(tmp_path)]) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.config import TrainConfig, load_config
+from gptforge.config import OptimConfig, load_config
 from gptforge.errors import CheckpointError
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.observe.metrics import read_metrics
@@ -22,8 +22,8 @@ from gptforge.train.muon import GRAM_MIN_ASPECT, NS_COEFFICIENTS, Muon, _newtons
 from gptforge.train.optim import build_optimizer
 from gptforge.runtime import resolve_precision
 
-TINY = ["model.preset=tiny", "train.max_time=null", "train.eval_tokens=2048", "train.samples=0",
-        "run.tensorboard=false", "train.optimizer=muon"]
+TINY = ["model.preset=tiny", "train.max_time=null", "eval.tokens=2048", "train.samples=0",
+        "run.tensorboard=false", "optim.name=muon"]
 
 
 def run(data, run_dir, *extra):
@@ -103,7 +103,7 @@ def test_newton_schulz_of_zero_is_zero():
                          ids=["tied", "untied-bias-learned"])
 def test_every_parameter_in_exactly_one_group_of_the_right_kind(arch):
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, **arch))
-    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05, weight_decay=0.1)
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.05, weight_decay=0.1)
     opt = build_optimizer(model, cfg, "cpu")
     assert isinstance(opt, Muon)
     owner = {}
@@ -126,19 +126,19 @@ def test_every_parameter_in_exactly_one_group_of_the_right_kind(arch):
 
 def test_adamw_groups_carry_their_base_lr():
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    opt = build_optimizer(model, TrainConfig(optimizer="adamw", lr=2e-3), "cpu")
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=2e-3), "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["base_lr"] for g in opt.param_groups] == [2e-3, 2e-3]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_configured_base_lr_wins_over_a_loaded_one(optimizer):
-    """As train.lr always did: a resumed run at another rate uses it; old checkpoints have no base_lr."""
+    """As optim.lr always did: a resumed run at another rate uses it; old checkpoints have no base_lr."""
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    saved = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-3, muon_lr=0.01), "cpu").state_dict()
+    saved = build_optimizer(model, OptimConfig(name=optimizer, lr=1e-3, muon_lr=0.01), "cpu").state_dict()
     for group in saved["param_groups"]:
         del group["base_lr"]
-    opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=2e-3, muon_lr=0.03), "cpu")
+    opt = build_optimizer(model, OptimConfig(name=optimizer, lr=2e-3, muon_lr=0.03), "cpu")
     opt.load_state_dict(saved)
     expected = [0.03, 2e-3] if optimizer == "muon" else [2e-3, 2e-3]  # (muon or decay, no-decay) groups
     assert [g["base_lr"] for g in opt.param_groups] == expected
@@ -167,8 +167,8 @@ def test_adamw_path_is_torch_adamw_bit_for_bit():
 
 
 def test_muon_trains_a_tiny_model(small_data, tmp_path):
-    run(small_data, tmp_path / "r", "train.batch_size=8", "train.max_steps=40", "train.warmup_steps=5",
-        "train.eval_every=0")
+    run(small_data, tmp_path / "r", "train.batch_size=8", "train.max_steps=40", "schedule.warmup_steps=5",
+        "eval.every=0")
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "r") if "val_loss" in r]
     assert evals[0] > 6.0 and evals[-1] < evals[0] - 0.8, evals  # about 6.24 -> 5.19
     state = load_file(str(checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")[0] / "optimizer.safetensors"))
@@ -176,13 +176,13 @@ def test_muon_trains_a_tiny_model(small_data, tmp_path):
 
 
 def _stepper(model, cfg):
-    optimizer = build_optimizer(model, cfg.train, "cpu")
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
     precision = resolve_precision("fp32", torch.device("cpu"))
     return Stepper(model, model, optimizer, None, precision, World(), cfg, [])
 
 
 def test_accumulation_feeds_muon_the_whole_batch_gradient():
-    cfg = load_config(None, ["model.preset=tiny", "model.vocab_size=256", "train.optimizer=muon", "train.max_steps=1"])
+    cfg = load_config(None, ["model.preset=tiny", "model.vocab_size=256", "optim.name=muon", "train.max_steps=1"])
     torch.manual_seed(0)
     model = GPT(cfg.model)
     twin = copy.deepcopy(model)
@@ -203,8 +203,8 @@ def test_accumulation_feeds_muon_the_whole_batch_gradient():
 
 
 def test_resume_is_bitwise_with_accumulation_and_batch_warmup(small_data, tmp_path):
-    common = ["train.batch_size=4", "train.batch_tokens=768", "train.batch_warmup_steps=3", "model.dropout=0.1",
-              "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_tokens=512",
+    common = ["train.batch_size=4", "train.batch_tokens=768", "schedule.batch_warmup_steps=3", "model.dropout=0.1",
+              "train.log_every=1", "eval.every=0", "train.save_every=0", "eval.tokens=512",
               "run.deterministic=true", "data.prefetch=2"]
     whole = run(small_data, tmp_path / "whole", *common, "train.max_steps=6")
     run(small_data, tmp_path / "split", *common, "train.max_steps=2")  # stops inside the batch warmup
@@ -225,8 +225,8 @@ def test_resume_is_bitwise_with_accumulation_and_batch_warmup(small_data, tmp_pa
 
 def test_resume_refuses_another_optimizer(small_data, tmp_path):
     run(small_data, tmp_path / "r", "train.batch_size=4", "train.max_steps=1")
-    with pytest.raises(CheckpointError, match="train.optimizer=muon"):
-        run(small_data, tmp_path / "r", "train.batch_size=4", "train.max_steps=2", "train.optimizer=adamw")
+    with pytest.raises(CheckpointError, match="optim.name=muon"):
+        run(small_data, tmp_path / "r", "train.batch_size=4", "train.max_steps=2", "optim.name=adamw")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,9 +234,9 @@ def test_resume_refuses_another_optimizer(small_data, tmp_path):
 
 
 def _launch(nproc, data, run_dir, *extra):
-    argv = ["train", f"data.dir={data}", f"run.dir={run_dir}", "model.preset=tiny", "train.optimizer=muon",
+    argv = ["train", f"data.dir={data}", f"run.dir={run_dir}", "model.preset=tiny", "optim.name=muon",
             "train.batch_size=4", "train.batch_tokens=1024", "train.max_steps=4", "train.max_time=null",
-            "train.log_every=1", "train.eval_every=2", "train.eval_tokens=1024", "train.samples=0",
+            "train.log_every=1", "eval.every=2", "eval.tokens=1024", "train.samples=0",
             "run.tensorboard=false", "data.prefetch=0", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "gptforge", *argv]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptforge.config import TrainConfig, load_config
+from gptforge.config import ScheduleConfig, TrainConfig, load_config
 from gptforge.data.loader import Layout, TokenLoader
 from gptforge.data.shards import read_header, write_shard
 from gptforge.errors import ConfigError
@@ -14,7 +14,7 @@ from gptforge.train.schedule import lr_multiplier, micro_steps, progress
 
 
 def test_warmup_then_cosine():
-    cfg = TrainConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, max_steps=100, max_time=None)
+    cfg = ScheduleConfig(warmup_steps=10, name="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(cfg, 0, 0.0) == pytest.approx(0.1)
     assert lr_multiplier(cfg, 9, 0.09) == pytest.approx(1.0)
     assert lr_multiplier(cfg, 50, 0.5) == pytest.approx(0.55)
@@ -22,12 +22,12 @@ def test_warmup_then_cosine():
 
 
 def test_wsd_and_constant():
-    cfg = TrainConfig(warmup_steps=0, schedule="wsd", cooldown_frac=0.2, min_lr_ratio=0.0)
+    cfg = ScheduleConfig(warmup_steps=0, name="wsd", cooldown_frac=0.2, min_lr_ratio=0.0)
     assert lr_multiplier(cfg, 10, 0.5) == 1.0
     assert lr_multiplier(cfg, 10, 0.8) == pytest.approx(1.0)
     assert lr_multiplier(cfg, 10, 0.9) == pytest.approx(0.5)
     assert lr_multiplier(cfg, 10, 1.0) == pytest.approx(0.0)
-    cfg = TrainConfig(warmup_steps=0, schedule="constant")
+    cfg = ScheduleConfig(warmup_steps=0, name="constant")
     assert lr_multiplier(cfg, 5, 0.99) == 1.0
 
 
@@ -36,8 +36,7 @@ def test_wsd_and_constant():
     ("cosine", 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.1 + 0.45 * (1 + math.cos(3 * math.pi / 4))),
 ])
 def test_wsd_cooldown_shapes_at_key_steps(cooldown, quarter, three_quarters):
-    cfg = TrainConfig(warmup_steps=10, schedule="wsd", cooldown=cooldown, cooldown_frac=0.2, min_lr_ratio=0.1,
-                      max_steps=100, max_time=None)
+    cfg = ScheduleConfig(warmup_steps=10, name="wsd", cooldown=cooldown, cooldown_frac=0.2, min_lr_ratio=0.1)
     assert lr_multiplier(cfg, 0, 0.0) == pytest.approx(0.1)  # warmup starts at 1/10
     assert lr_multiplier(cfg, 9, 0.09) == pytest.approx(1.0)  # warmup's last step: the peak
     assert lr_multiplier(cfg, 50, 0.5) == 1.0  # stable
@@ -49,8 +48,8 @@ def test_wsd_cooldown_shapes_at_key_steps(cooldown, quarter, three_quarters):
 
 
 def test_wsd_cosine_cooldown_starts_flat_and_lands_flat():
-    cfg = TrainConfig(warmup_steps=0, schedule="wsd", cooldown="cosine", cooldown_frac=0.2, min_lr_ratio=0.0)
-    linear = TrainConfig(warmup_steps=0, schedule="wsd", cooldown="linear", cooldown_frac=0.2, min_lr_ratio=0.0)
+    cfg = ScheduleConfig(warmup_steps=0, name="wsd", cooldown="cosine", cooldown_frac=0.2, min_lr_ratio=0.0)
+    linear = ScheduleConfig(warmup_steps=0, name="wsd", cooldown="linear", cooldown_frac=0.2, min_lr_ratio=0.0)
     assert lr_multiplier(cfg, 0, 0.81) > lr_multiplier(linear, 0, 0.81)  # gentler at first
     assert lr_multiplier(cfg, 0, 0.99) < lr_multiplier(linear, 0, 0.99)  # lower near the end
     rates = [lr_multiplier(cfg, 0, 0.8 + i / 1000) for i in range(201)]
@@ -58,21 +57,21 @@ def test_wsd_cosine_cooldown_starts_flat_and_lands_flat():
 
 
 def test_micro_steps_grow_linearly_from_one():
-    cfg = TrainConfig(batch_warmup_steps=8)
+    cfg = ScheduleConfig(batch_warmup_steps=8)
     assert [micro_steps(cfg, s, 4) for s in range(10)] == [1, 1, 1, 2, 2, 2, 3, 3, 4, 4]
-    cfg = TrainConfig(batch_warmup_steps=2)
+    cfg = ScheduleConfig(batch_warmup_steps=2)
     assert [micro_steps(cfg, s, 8) for s in range(4)] == [1, 4, 8, 8]
-    assert [micro_steps(TrainConfig(batch_warmup_steps=0), s, 4) for s in range(3)] == [4, 4, 4]
-    assert [micro_steps(TrainConfig(batch_warmup_steps=5), s, 1) for s in range(6)] == [1] * 6
+    assert [micro_steps(ScheduleConfig(batch_warmup_steps=0), s, 4) for s in range(3)] == [4, 4, 4]
+    assert [micro_steps(ScheduleConfig(batch_warmup_steps=5), s, 1) for s in range(6)] == [1] * 6
 
 
 def test_batch_warmup_needs_accumulation():
     base = ["model.preset=tiny", "train.batch_size=4"]  # 4 x 64 = 256 tokens per micro-step
-    with pytest.raises(ConfigError, match="train.batch_warmup_steps"):
-        load_config(None, [*base, "train.batch_warmup_steps=10"])
+    with pytest.raises(ConfigError, match="schedule.batch_warmup_steps"):
+        load_config(None, [*base, "schedule.batch_warmup_steps=10"])
     with pytest.raises(ConfigError, match="train.batch_tokens"):
-        load_config(None, [*base, "train.batch_warmup_steps=10", "train.batch_tokens=256"])
-    assert load_config(None, [*base, "train.batch_warmup_steps=10", "train.batch_tokens=512"]).train.batch_warmup_steps == 10
+        load_config(None, [*base, "schedule.batch_warmup_steps=10", "train.batch_tokens=256"])
+    assert load_config(None, [*base, "schedule.batch_warmup_steps=10", "train.batch_tokens=512"]).schedule.batch_warmup_steps == 10
 
 
 @pytest.fixture

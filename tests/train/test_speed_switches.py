@@ -21,8 +21,8 @@ from gptforge.train.step import Stepper, masked_step
 from gptforge.train.optim import build_optimizer
 from gptforge.runtime import Precision
 
-TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "train.eval_tokens=256", "train.samples=0",
-        "run.tensorboard=false", "train.precision=fp32"]
+TINY = ["model.preset=tiny", "train.batch_size=4", "train.max_time=null", "eval.tokens=256", "train.samples=0",
+        "run.tensorboard=false", "speed.precision=fp32"]
 
 
 def run(data, run_dir, *extra):
@@ -35,7 +35,7 @@ def losses(run_dir):
 
 def tiny_gpt(n_layer=3, dropout=0.1):
     cfg = load_config(None, ["model.preset=tiny", f"model.n_layer={n_layer}", "model.vocab_size=256",
-                             f"model.dropout={dropout}", "model.block_size=16", "train.eval_tokens=16"])
+                             f"model.dropout={dropout}", "model.block_size=16", "eval.tokens=16"])
     torch.manual_seed(0)
     return GPT(cfg.model), cfg
 
@@ -83,7 +83,7 @@ def test_checkpointing_modes_train_to_the_same_losses_and_resume_across(small_da
     steps = ["train.max_steps=4", "train.log_every=1", "model.dropout=0.1", "model.n_layer=3"]
     reference = run(small_data, tmp_path / "none", *steps)
     for mode in ("selective", "full"):
-        run(small_data, tmp_path / mode, *steps, f"train.activation_checkpointing={mode}")
+        run(small_data, tmp_path / mode, *steps, f"speed.activation_checkpointing={mode}")
         assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "none"), abs=1e-6)
     # a run saved with checkpointing resumes without it (same parameter names)
     resumed = run(small_data, tmp_path / "full", *steps[1:], "train.max_steps=5")
@@ -103,11 +103,11 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, small_data):
     assert apply_compile(model, False, "max-autotune") is model and seen == []
     apply_compile(model, True, "default")
     cfg = load_config(None, [*TINY, f"data.dir={small_data}", "train.max_steps=1", "train.device=cpu",
-                             "train.compile=true", "train.compile_mode=reduce-overhead"])
-    build(cfg, World()).close()  # the builder compiles what distribute returned, in train.compile_mode
+                             "speed.compile=true", "speed.compile_mode=reduce-overhead"])
+    build(cfg, World()).close()  # the builder compiles what distribute returned, in speed.compile_mode
     assert seen == [None, "reduce-overhead"]
-    with pytest.raises(ConfigError, match="train.compile_mode"):
-        load_config(None, ["train.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="speed.compile_mode"):
+        load_config(None, ["speed.compile_mode=fast"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,10 +117,10 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, small_data):
 def test_sync_free_trains_to_the_same_losses_and_weights(small_data, tmp_path):
     import gptforge
 
-    steps = ["train.max_steps=6", "train.log_every=3", "train.eval_every=0", "train.save_every=0",
+    steps = ["train.max_steps=6", "train.log_every=3", "eval.every=0", "train.save_every=0",
              "run.deterministic=true"]
     run(small_data, tmp_path / "default", *steps)
-    run(small_data, tmp_path / "sync_free", *steps, "train.sync_free=true")
+    run(small_data, tmp_path / "sync_free", *steps, "speed.sync_free=true")
     assert losses(tmp_path / "sync_free") == losses(tmp_path / "default")
     a, _ = gptforge.load(tmp_path / "default")
     b, _ = gptforge.load(tmp_path / "sync_free")
@@ -144,11 +144,11 @@ def assert_same_state(before, optimizer):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_sync_free_skips_an_injected_nan_on_the_device(optimizer):
     model, cfg = tiny_gpt(n_layer=2, dropout=0.0)
-    overrides = [f"train.optimizer={optimizer}", "train.sync_free=true", "train.log_every=10", "train.eval_every=0",
+    overrides = [f"optim.name={optimizer}", "speed.sync_free=true", "train.log_every=10", "eval.every=0",
                  "train.save_every=0", "debug.inject_nan_at_step=2", "model.preset=tiny", "model.n_layer=2",
-                 "model.block_size=16", "train.eval_tokens=16", "model.vocab_size=256"]
+                 "model.block_size=16", "eval.tokens=16", "model.vocab_size=256"]
     cfg = load_config(None, overrides)
-    opt = build_optimizer(model, cfg.train, "cpu")
+    opt = build_optimizer(model, cfg.optim, "cpu")
     guard = Guard(cfg.guard)
     stepper = Stepper(model, model, opt, None, Precision("fp32", "cpu"), World(), cfg, [], guard)
     batch = [(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))]
@@ -196,7 +196,7 @@ def test_masked_step_skips_and_applies_exactly(fused):
 
 
 def test_sync_free_run_reports_device_skips(small_data, tmp_path):
-    run(small_data, tmp_path / "r", "train.max_steps=4", "train.log_every=4", "train.sync_free=true",
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.log_every=4", "speed.sync_free=true",
         "debug.inject_nan_at_step=2")
     records = read_metrics(tmp_path / "r")
     skips = [r for r in records if r.get("event") == "skip_nonfinite"]
@@ -234,10 +234,10 @@ def test_fp8_needs_a_recent_cuda_gpu(monkeypatch):
 
 
 def test_fp8_is_refused_before_any_data_work(tmp_path):
-    with pytest.raises(ConfigError, match="train.fp8"):  # not a DataError about the missing directory
-        run(tmp_path / "nowhere", tmp_path / "r", "train.max_steps=1", "train.fp8=true", "train.device=cpu")
-    with pytest.raises(ConfigError, match="train.fp8"):
-        load_config(None, ["train.fp8=true", "train.qat=int8"])
+    with pytest.raises(ConfigError, match="speed.fp8"):  # not a DataError about the missing directory
+        run(tmp_path / "nowhere", tmp_path / "r", "train.max_steps=1", "speed.fp8=true", "train.device=cpu")
+    with pytest.raises(ConfigError, match="speed.fp8"):
+        load_config(None, ["speed.fp8=true", "finetune.qat=int8"])
 
 
 def test_fp8_converts_the_eligible_linear_layers(monkeypatch):

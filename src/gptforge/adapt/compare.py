@@ -51,7 +51,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
         run = load_run(ckpt, device, report=report)
         if dataset is None:
             dataset = load_data_dir(data) if data else resolve_data(run.config)
-            eval_tokens = eval_tokens or run.config.train.eval_tokens
+            eval_tokens = eval_tokens or run.config.eval.tokens
         _check_data(run, dataset, path)
         block = run.config.model.block_size
         if block not in batches:
@@ -180,7 +180,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR", help="prepared data to evaluate on (default: the first run's data)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens to generate for the speed figure (default: 128)")
     parser.add_argument("--eval-tokens", type=int, default=None,
-                        help="validation tokens (default: the first run's train.eval_tokens)")
+                        help="validation tokens (default: the first run's eval.tokens)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of the table")
     parser.add_argument("--png", metavar="FILE", help="also write bar charts to FILE (needs matplotlib)")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from gptforge.config import Config, from_dict, load_config
 from gptforge.data.tokenizer import EOT, Tokenizer
 from gptforge.errors import GptforgeError
+from gptforge.model import build_model
 from gptforge.model.gpt import GPT, make_norm
 from gptforge.train.checkpoint import save_weights
 
@@ -62,7 +63,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(out, force)
     cfg = _config_from_hf(hf_dir, out)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     model.load_state_dict(_gptforge_state(_read_weights(hf_dir), model, hf_dir))
 
     tokenizer = _read_tokenizer(hf_dir, cfg.model.vocab_size)

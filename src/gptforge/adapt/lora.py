@@ -58,14 +58,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     of the vocabulary, which LoRA leaves alone. Returns the names of the wrapped layers.
     """
     if cfg.rank < 1:
-        raise ConfigError(f"train.lora.rank: LoRA needs a rank of at least 1, got {cfg.rank}")
+        raise ConfigError(f"finetune.lora.rank: LoRA needs a rank of at least 1, got {cfg.rank}")
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     linears = {name: m for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and name != "lm_head"}
     chosen = [name for name in linears if any(name == t or name.endswith(f".{t}") for t in targets)]
     if not chosen:
         available = sorted({_short_name(name) for name in linears})
-        raise ConfigError(f"train.lora.targets={cfg.targets!r} matches no linear layer; "
+        raise ConfigError(f"finetune.lora.targets={cfg.targets!r} matches no linear layer; "
                           f"available: {', '.join(available)}")
     for name in chosen:
         parent, _, child = name.rpartition(".")
@@ -98,7 +98,7 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         problems = [f"{label}: {', '.join(items[:6])}" + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
                     for label, items in (("missing", missing), ("unexpected", unexpected),
                                          ("shape (saved vs model)", shapes)) if items]
-        raise CheckpointError("LoRA adapters do not fit this model (check train.lora.rank and train.lora.targets); "
+        raise CheckpointError("LoRA adapters do not fit this model (check finetune.lora.rank and finetune.lora.targets); "
                               + "; ".join(problems))
     with torch.no_grad():
         for key, tensor in own.items():

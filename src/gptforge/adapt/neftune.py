@@ -7,7 +7,7 @@ It is applied from outside the model, as a forward hook on model.transformer.wte
 pure: the hook adds noise only while the embedding module is in training mode (model.train()), never in
 evaluation or generation, and is not part of the weights. Random numbers come from torch's global generator
 of the device (saved in every checkpoint), so a resumed run draws the same noise. Enabled by
-train.neftune_alpha > 0 (typical values 5 to 15 when fine-tuning).
+finetune.neftune_alpha > 0 (typical values 5 to 15 when fine-tuning).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def apply_neftune(model: nn.Module, alpha: float) -> RemovableHandle:
     """Hook NEFTune noise of strength `alpha` onto the token embedding of `model` (a GPT); returns the handle
     (remove_neftune(model) removes it too)."""
     if not alpha > 0:
-        raise ConfigError(f"train.neftune_alpha: expected a positive noise strength, got {alpha}")
+        raise ConfigError(f"finetune.neftune_alpha: expected a positive noise strength, got {alpha}")
     wte = _token_embedding(model)
     remove_neftune(model)  # never two hooks at once
     handle = wte.register_forward_hook(_hook(alpha))

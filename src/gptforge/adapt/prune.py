@@ -14,7 +14,7 @@ which only CUDA GPUs with sparse tensor cores (compute capability 8.0 or newer) 
 the dense tensors are used as they are.
 
 With --recover-steps N the pruned weights go to a temporary weights-only run, and the ordinary training
-loop fine-tunes them for N steps with train.init_from pointing at it and train.keep_sparsity=true (the
+loop fine-tunes them for N steps with finetune.init_from pointing at it and finetune.keep_sparsity=true (the
 pruned weights stay zero); the output is then a normal training run.
 """
 
@@ -133,7 +133,8 @@ def prune_run(run: str | Path, out: str | Path, sparsity: float, pattern: str, r
         save_weights(tmp, loaded.model, output_config(loaded, Path(tmp)), step=loaded.state["step"],
                      tokenizer_file=tokenizer, extra=extra)
         tree = output_config(loaded, out)  # lora.rank=0: merged adapters would fill the zeros
-        tree["train"].update(init_from=tmp, keep_sparsity=True, max_steps=recover_steps, max_tokens=None, max_time=None)
+        tree["finetune"].update(init_from=tmp, keep_sparsity=True)
+        tree["train"].update(max_steps=recover_steps, max_tokens=None, max_time=None)
         if data is not None:
             tree["data"]["dir"] = str(data)
         train(from_dict(tree, source=f"recovery of {run}"))

@@ -1,4 +1,4 @@
-"""Quantization-aware training (train.qat=int8|int4): train the weights that quantization will keep.
+"""Quantization-aware training (finetune.qat=int8|int4): train the weights that quantization will keep.
 
 The layers `gptforge quantize` would quantize become FakeQuantLinear: the forward uses the weight
 quantized and dequantized by the very functions of gptforge.adapt.qlinear, so after training,

@@ -15,7 +15,7 @@ is already on at every rung is marked automatic: on a CPU, scaled_dot_product_at
 kernel by itself. On CUDA the rungs before flash attention run with SDPA restricted to its math backend
 (attention as a plain PyTorch module would compute it); the flash rung lifts that restriction, which is how
 its gain is measured. Every other rung is a config switch: the fp32 rung turns them all off (AdamW included:
-train.fused_optimizer=false, torch's loop over the parameters) and each later rung turns its own on.
+optim.fused=false, torch's loop over the parameters) and each later rung turns its own on.
 
 Every rung runs in a fresh process (`python -m gptforge.bench.ablate`) that calls the same
 gptforge.bench.step.bench() as `gptforge bench`: data, forward, backward, optimizer, timed after a warm-up.
@@ -55,15 +55,15 @@ class Rung:
 
 
 LADDER: tuple[Rung, ...] = (
-    Rung("fp32", "fp32", ("train.precision=fp32", "train.fused_optimizer=false", "train.compile=false",
-                          "train.fused_kernels=false", "train.fused_ce=false", "train.fp8=false")),
-    Rung("tf32", "tf32 matmuls", ("train.precision=tf32",)),
-    Rung("bf16", "bf16 autocast", ("train.precision=bf16",)),
+    Rung("fp32", "fp32", ("speed.precision=fp32", "optim.fused=false", "speed.compile=false",
+                          "speed.fused_kernels=false", "speed.fused_ce=false", "speed.fp8=false")),
+    Rung("tf32", "tf32 matmuls", ("speed.precision=tf32",)),
+    Rung("bf16", "bf16 autocast", ("speed.precision=bf16",)),
     Rung("flash", "flash attention", flash=True),
-    Rung("fused_adamw", "fused AdamW", ("train.fused_optimizer=true",)),
-    Rung("compile", "torch.compile", ("train.compile=true",)),
-    Rung("fused_kernels", "fused kernels + CE", ("train.fused_kernels=true", "train.fused_ce=true")),
-    Rung("fp8", "fp8 linears", ("train.fp8=true",)),
+    Rung("fused_adamw", "fused AdamW", ("optim.fused=true",)),
+    Rung("compile", "torch.compile", ("speed.compile=true",)),
+    Rung("fused_kernels", "fused kernels + CE", ("speed.fused_kernels=true", "speed.fused_ce=true")),
+    Rung("fp8", "fp8 linears", ("speed.fp8=true",)),
 )
 RUNG_NAMES = tuple(r.name for r in LADDER)
 
@@ -114,12 +114,12 @@ def availability(rung: Rung, dev: DeviceInfo, optimizer: str) -> tuple[str, str,
         return "run", "", "the rungs before ran SDPA's math backend; this one lets SDPA pick flash"
     if rung.name == "fused_adamw":
         if optimizer != "adamw":
-            return "skipped", f"train.optimizer={optimizer}: its AdamW part is not the fused kernel", ""
+            return "skipped", f"optim.name={optimizer}: its AdamW part is not the fused kernel", ""
         if dev.type not in ("cuda", "cpu"):
-            return "skipped", f"train.fused_optimizer applies on CUDA and CPU only; this device is {dev.type}", ""
+            return "skipped", f"optim.fused applies on CUDA and CPU only; this device is {dev.type}", ""
         if dev.type == "cpu" and not dev.fused_adamw_cpu:
             return "skipped", "torch's fused AdamW does not run on this CPU", ""
-        return "run", "", "the rungs before ran AdamW as torch's loop over the parameters (train.fused_optimizer=false)"
+        return "run", "", "the rungs before ran AdamW as torch's loop over the parameters (optim.fused=false)"
     if rung.name == "compile":
         if dev.type == "cpu" and not dev.compiler:
             return "skipped", "no C/C++ compiler on PATH: torch.compile (inductor) needs one on a CPU", ""
@@ -171,7 +171,7 @@ def ablate(overrides: list[str], steps: int = 5, warmup: int = 2, skip: tuple[st
     kept_rec: dict[str, Any] | None = None
 
     for rung in LADDER:
-        status, reason, note = availability(rung, dev, base.train.optimizer)
+        status, reason, note = availability(rung, dev, base.optim.name)
         if rung.name in skip:
             status, reason = "skipped", f"skipped on request (--skip {rung.name})"
         entry: dict[str, Any] = {"rung": rung.name, "label": rung.label, "switch": list(rung.overrides),

@@ -1,4 +1,4 @@
-"""Fused kernels, applied to a built GPT from outside it (train.fused_kernels, train.fused_ce).
+"""Fused kernels, applied to a built GPT from outside it (speed.fused_kernels, speed.fused_ce).
 
 - FusedRMSNorm (rmsnorm.py) replaces every nn.RMSNorm, the per-head qk_norm ones included.
 - fused_rotary (rope.py) becomes every attention layer's rotary, when the model uses rotary positions.
@@ -48,8 +48,8 @@ def apply_kernels(model: GPT, fused: bool, fused_ce: bool, ce_chunk_tokens: int)
     if fused_ce:
         head = model.lm_head
         if type(head) is not nn.Linear or head.bias is not None:
-            raise ConfigError(f"train.fused_ce computes the output head from its weight alone, but model.lm_head "
-                              f"is {head}; set train.fused_ce=false for this model")
+            raise ConfigError(f"speed.fused_ce computes the output head from its weight alone, but model.lm_head "
+                              f"is {head}; set speed.fused_ce=false for this model")
         if ce_chunk_tokens < 1:
-            raise ConfigError(f"train.ce_chunk_tokens: expected a positive number of tokens, got {ce_chunk_tokens}")
+            raise ConfigError(f"speed.ce_chunk_tokens: expected a positive number of tokens, got {ce_chunk_tokens}")
         model.head_loss = functools.partial(chunked_head_loss, chunk_tokens=ce_chunk_tokens)

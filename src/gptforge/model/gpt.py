@@ -1,9 +1,15 @@
-"""GPT: a pure nn.Module. Nothing here knows about devices, precision or processes."""
+"""GPT: a pure nn.Module. Nothing here knows about devices, precision or processes.
+
+The variants a config can pick are small registries, MLPS, NORMS and POSITIONS; GPTConfig's mlp, norm and
+pos fields take their allowed values from them (field metadata "choices"), so adding a variant is one entry.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,14 +30,14 @@ class GPTConfig:
     """Attention heads per block; must divide n_embd."""
     n_embd: int = 256
     """Width of the residual stream."""
-    mlp: str = "relu2"
+    mlp: str = field(default="relu2", metadata={"choices": lambda: tuple(MLPS)})
     """MLP activation: gelu (GPT-2's tanh approximation), gelu_exact (erf; about half the cost of the tanh
     form on a CPU), relu2 (squared ReLU) or swiglu."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of n_embd (swiglu uses 2/3 of it, rounded up to a multiple of 64)."""
-    norm: str = "rmsnorm"
+    norm: str = field(default="rmsnorm", metadata={"choices": lambda: tuple(NORMS)})
     """Normalization: layernorm or rmsnorm."""
-    pos: str = "rope"
+    pos: str = field(default="rope", metadata={"choices": lambda: tuple(POSITIONS)})
     """Position encoding: learned (GPT-2 style absolute embeddings) or rope (rotary)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
@@ -63,7 +69,7 @@ class GPTConfig:
     @property
     def mlp_hidden(self) -> int:
         hidden = int(self.mlp_ratio * self.n_embd)
-        if self.mlp == "swiglu":
+        if self.mlp in GATED_MLPS:
             hidden = ((2 * hidden // 3 + 63) // 64) * 64
         return hidden
 
@@ -72,16 +78,20 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        choices = {"mlp": ("gelu", "gelu_exact", "relu2", "swiglu"), "norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for f in dataclasses.fields(GPTConfig):
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(self, f.name) not in allowed():
+                raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed())}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+            divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                             f"n_head values that divide it: {', '.join(map(str, divisors))}")
         if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"rotary positions need an even head_dim, got n_embd/n_head = {self.head_dim}")
+            raise ValueError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"model.dropout must be a probability in [0, 1), got {self.dropout}")
         if self.logit_softcap < 0:
             raise ValueError(f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
 
@@ -89,12 +99,17 @@ class GPTConfig:
 RMS_NORM_EPS = 1e-6
 
 
+# model.norm: (config, dim) -> a norm with a learnable gain initialised to one. RMSNorm has a fixed eps
+# rather than torch's dtype-dependent default, so fp32 and bf16 runs normalise alike.
+NORMS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {
+    "layernorm": lambda config, dim: nn.LayerNorm(dim, bias=config.bias),
+    "rmsnorm": lambda config, dim: nn.RMSNorm(dim, eps=RMS_NORM_EPS),
+}
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
-    """LayerNorm (bias iff config.bias) or RMSNorm, both with a learnable gain initialised to one."""
-    if config.norm == "layernorm":
-        return nn.LayerNorm(dim, bias=config.bias)
-    # A fixed eps rather than torch's dtype-dependent default, so fp32 and bf16 runs normalise alike.
-    return nn.RMSNorm(dim, eps=RMS_NORM_EPS)
+    """The norm config.norm names (LayerNorm has a bias iff config.bias)."""
+    return NORMS[config.norm](config, dim)
 
 
 def rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,29 +239,78 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return _ReLUSquared.apply(x)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: the tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """[gate | up] (B, T, 2 * hidden), side by side from one matmul -> silu(gate) * up (B, T, hidden)."""
+    gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
+    return F.silu(gate) * up
+
+
+# model.mlp: the activation between the MLP's two linear layers.
+MLPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu_tanh,
+    "gelu_exact": F.gelu,
+    "relu2": relu_squared,
+    "swiglu": swiglu,
+}
+GATED_MLPS = frozenset({"swiglu"})  # their activation takes [gate | up]: c_fc is twice the hidden width
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
+        self.activation = MLPS[config.mlp]
         hidden = config.mlp_hidden
-        # swiglu: one matmul produces gate and up side by side, [gate | up], then silu(gate) * up.
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        width = 2 * hidden if config.mlp in GATED_MLPS else hidden
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
-        if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's approximation
-        elif self.kind == "gelu_exact":
-            h = F.gelu(h)
-        elif self.kind == "relu2":
-            h = relu_squared(h)
-        else:
-            gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
-            h = F.silu(gate) * up
+        h = self.activation(self.c_fc(x))  # (B, T, hidden); c_fc gives 2 * hidden for a gated one
         return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class LearnedPositions:
+    """model.pos=learned (GPT-2): a learned table of absolute positions, transformer.wpe, added to the token
+    embeddings."""
+
+    @staticmethod
+    def build(model: GPT) -> None:
+        model.transformer.wpe = nn.Embedding(model.config.block_size, model.config.n_embd)
+
+    @staticmethod
+    def encode(model: GPT, x: torch.Tensor, past: int) -> tuple[torch.Tensor, None]:
+        """Token embeddings x (B, T, C) of positions [past, past + T) -> (x plus positions, no rotary)."""
+        return x + model.transformer.wpe(torch.arange(past, past + x.size(1), device=x.device)), None
+
+
+class RotaryPositions:
+    """model.pos=rope: no parameters; attention rotates queries and keys by tables of cos and sin (float32,
+    non-persistent buffers rebuilt by the constructor)."""
+
+    @staticmethod
+    def build(model: GPT) -> None:
+        c = model.config
+        cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+        model.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
+        model.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
+
+    @staticmethod
+    def encode(model: GPT, x: torch.Tensor, past: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Token embeddings x (B, T, C) of positions [past, past + T) -> (x, the rotary tables of those positions)."""
+        end = past + x.size(1)
+        return x, (model.rope_cos[past:end], model.rope_sin[past:end])  # (T, hd/2) each
+
+
+# model.pos: how positions enter the model; build() adds its parameters or buffers, encode() applies them.
+POSITIONS: dict[str, type] = {"learned": LearnedPositions, "rope": RotaryPositions}
 
 
 class Block(nn.Module):
@@ -284,14 +348,10 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
-        if config.pos == "learned":
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.positions = POSITIONS[config.pos]
+        self.positions.build(self)  # right after wte: GPT-2's parameter order, wte then wpe
         self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.transformer.ln_f = make_norm(config, config.n_embd)
-        if config.pos == "rope":
-            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
-            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -340,12 +400,7 @@ class GPT(nn.Module):
             raise ValueError(f"batch of {B} x {T} tokens does not fit a KVCache of batch_size={cache.batch_size}, "
                              f"max_len={cache.max_len} holding {past} positions")
 
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))  # (B, T, C)
-        else:
-            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # (T, hd/2) each
+        x, rope = self.positions.encode(self, self.transformer.wte(idx), past)  # (B, T, C); rotary tables or None
         for block in self.transformer.h:
             x = block(x, rope, cache)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)

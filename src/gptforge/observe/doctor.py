@@ -125,7 +125,7 @@ def probe_fused_adamw() -> dict[str, Any]:
     except (RuntimeError, TypeError, ValueError):
         cpu = False
     return {"cpu": cpu, "cuda": torch.cuda.is_available(),
-            "gptforge_uses": "on CUDA and CPU with train.fused_optimizer=true (the default)"}
+            "gptforge_uses": "on CUDA and CPU with optim.fused=true (the default)"}
 
 
 _COMPILE_TRIAL = """
@@ -291,7 +291,7 @@ def measure_train_step(device: torch.device, precision: str, quick: bool) -> dic
     from gptforge.parallel.world import World
     from gptforge.train.builder import build
 
-    cfg = load_config(None, [f"train.device={device}", f"train.precision={precision}", "train.batch_size=16",
+    cfg = load_config(None, [f"train.device={device}", f"speed.precision={precision}", "train.batch_size=16",
                              "data.prefetch=0"])
     vocab, tokens = cfg.data.vocab_size, 16 * (cfg.model.block_size + 1) * 4
     with tempfile.TemporaryDirectory() as folder:
@@ -314,7 +314,7 @@ def measure_train_step(device: torch.device, precision: str, quick: bool) -> dic
         "model": f"{m.n_layer} x {m.n_embd}, {m.n_head} heads, context {m.block_size}, vocab {m.vocab_size}",
         "batch_size": t.cfg.train.batch_size,
         "precision": t.precision.name,
-        "optimizer": t.cfg.train.optimizer,
+        "optimizer": t.cfg.optim.name,
         "step_s": min(times),
         "tokens_per_sec": t.cfg.tokens_per_step() / min(times),
         "flops_per_token": flops_per_token(m),
@@ -346,65 +346,65 @@ def recommend(facts: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[st
     # precision
     if gpu is not None:
         if gpu["bf16"]:
-            add("train.precision", "bf16", f"{gpu['name']} has bf16 tensor cores{_ratio_text(rates, 'bf16', 'fp32')}")
+            add("speed.precision", "bf16", f"{gpu['name']} has bf16 tensor cores{_ratio_text(rates, 'bf16', 'fp32')}")
         else:
-            add("train.precision", "fp16", f"{gpu['name']} has no native bf16; fp16 autocast with a gradient scaler"
+            add("speed.precision", "fp16", f"{gpu['name']} has no native bf16; fp16 autocast with a gradient scaler"
                 f"{_ratio_text(rates, 'fp16', 'fp32')}")
     elif kind == "mps":
-        add("train.precision", "fp32", "what gptforge runs on MPS (auto picks it too)")
+        add("speed.precision", "fp32", "what gptforge runs on MPS (auto picks it too)")
     else:
         fp32, bf16 = rates.get("fp32"), rates.get("bf16")
         measured = f" (bf16 matmul {_fmt_flops(bf16)} vs fp32 {_fmt_flops(fp32)}{_times(fp32, bf16)})" if fp32 and bf16 else ""
         if not facts["cpu"]["native_bf16"]:
-            add("train.precision", "fp32", f"this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 is "
+            add("speed.precision", "fp32", f"this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 is "
                 f"emulated and slower{measured}; auto picks fp32 too")
         elif fp32 and bf16 and bf16 < fp32:
-            add("train.precision", "fp32", f"the CPU advertises native bf16 but bf16 measured slower{measured}; "
+            add("speed.precision", "fp32", f"the CPU advertises native bf16 but bf16 measured slower{measured}; "
                 "auto would pick bf16, so set fp32 explicitly")
         else:
-            add("train.precision", "bf16", f"this CPU has native bf16 (AVX512-BF16 or AMX){measured}; auto picks it too")
+            add("speed.precision", "bf16", f"this CPU has native bf16 (AVX512-BF16 or AMX){measured}; auto picks it too")
 
     # compile
     compile_ = facts["compile"]
     if compile_["status"] == "unavailable":
-        add("train.compile", "false", f"torch.compile is unavailable here: {compile_['reason']}")
+        add("speed.compile", "false", f"torch.compile is unavailable here: {compile_['reason']}")
     elif kind == "cuda":
-        add("train.compile", "true", "fuses elementwise work into fewer GPU kernels; costs a minute of compiling "
+        add("speed.compile", "true", "fuses elementwise work into fewer GPU kernels; costs a minute of compiling "
             "at the start, worth it for runs longer than a few minutes")
     else:
-        add("train.compile", "false", f"compile gains little on a {kind.upper() if kind == 'mps' else 'CPU'}, where "
+        add("speed.compile", "false", f"compile gains little on a {kind.upper() if kind == 'mps' else 'CPU'}, where "
             "the matmuls dominate, and costs compile time at every start; `gptforge bench --ablate` measures it")
 
     # fused kernels
     triton = facts["triton"]
     if kind == "cuda" and triton["can_run"] and triton["how"] == "gpu":
-        add("train.fused_kernels", "true", f"Triton {triton['version']} runs on the GPU: fused RMSNorm and RoPE")
-        add("train.fused_ce", "true", "the full logits tensor never exists: less memory, room for a larger batch")
+        add("speed.fused_kernels", "true", f"Triton {triton['version']} runs on the GPU: fused RMSNorm and RoPE")
+        add("speed.fused_ce", "true", "the full logits tensor never exists: less memory, room for a larger batch")
     else:
-        add("train.fused_kernels", "false", f"Triton kernels cannot run here: {triton['reason']}; the PyTorch "
+        add("speed.fused_kernels", "false", f"Triton kernels cannot run here: {triton['reason']}; the PyTorch "
             "reference path gains nothing")
-        add("train.fused_ce", "false", "chunked cross-entropy saves memory but not time; use it when memory is the limit")
+        add("speed.fused_ce", "false", "chunked cross-entropy saves memory but not time; use it when memory is the limit")
 
     # fp8
     fp8 = facts["fp8"]
     if fp8["available"]:
-        add("train.fp8", "true", f"{fp8['reason']}: pays off for wide models (n_embd >= 2048); small ones lose "
+        add("speed.fp8", "true", f"{fp8['reason']}: pays off for wide models (n_embd >= 2048); small ones lose "
             "to the casts, so check with `gptforge bench --ablate`")
     else:
-        add("train.fp8", "false", fp8["reason"])
+        add("speed.fp8", "false", fp8["reason"])
 
     # optimizer: fused by default; say so only where the default cannot run
     if kind == "cpu" and not facts["fused_adamw"]["cpu"]:
-        add("train.fused_optimizer", "false", "torch's fused AdamW does not run on this CPU; the default (true) "
+        add("optim.fused", "false", "torch's fused AdamW does not run on this CPU; the default (true) "
             "would fail")
 
     # memory and batch
-    add("train.activation_checkpointing", "none", "recomputing activations costs up to a third more compute; use "
+    add("speed.activation_checkpointing", "none", "recomputing activations costs up to a third more compute; use "
         "selective or full only when a model does not fit in memory")
     if kind == "cuda":
         add("train.batch_size", "auto", f"the largest micro-batch that fits in {gpu['memory_gb']:.0f} GB, found once "
             "at the start")
-        add("train.sync_free", "true", "the GPU keeps working while the host runs ahead; losses are read on log "
+        add("speed.sync_free", "true", "the GPU keeps working while the host runs ahead; losses are read on log "
             "steps only")
     else:
         add("train.batch_size", "16", "the default: on a CPU the step is compute bound and memory is rarely the limit")
@@ -430,13 +430,13 @@ def recommend(facts: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[st
 
 def _fused_adamw_text(kind: str, runs_on_cpu: bool) -> str:
     if kind == "cuda":
-        return "train.fused_optimizer=true (the default) runs torch's fused AdamW: one kernel launch updates every parameter"
+        return "optim.fused=true (the default) runs torch's fused AdamW: one kernel launch updates every parameter"
     if kind == "cpu" and runs_on_cpu:
-        return ("train.fused_optimizer=true (the default) runs torch's fused AdamW on this CPU: one pass over all "
+        return ("optim.fused=true (the default) runs torch's fused AdamW on this CPU: one pass over all "
                 "parameters instead of a loop over them; `gptforge bench --ablate` measures the gain")
     if kind == "cpu":
-        return "torch's fused AdamW does not run on this CPU: set train.fused_optimizer=false"
-    return f"train.fused_optimizer applies on CUDA and CPU; on {kind.upper()} AdamW is torch's loop over the parameters"
+        return "torch's fused AdamW does not run on this CPU: set optim.fused=false"
+    return f"optim.fused applies on CUDA and CPU; on {kind.upper()} AdamW is torch's loop over the parameters"
 
 
 def cpu_estimate(facts: dict[str, Any]) -> dict[str, Any] | None:
@@ -507,7 +507,7 @@ def doctor(quick: bool = False) -> dict[str, Any]:
     }
     facts["rates"] = measure_rates(torch.device(kind), facts, quick)
     settings, automatic = recommend(facts)
-    precision = next(r["value"] for r in settings if r["key"] == "train.precision")
+    precision = next(r["value"] for r in settings if r["key"] == "speed.precision")
     facts["train_step"] = measure_train_step(torch.device(kind), precision, quick)
     return {"facts": facts, "recommendations": settings, "automatic": automatic, "cpu_estimate": cpu_estimate(facts)}
 

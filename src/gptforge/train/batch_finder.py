@@ -76,7 +76,7 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> tuple[int, bool]
     if good == 0:
         raise GptforgeError(
             "train.batch_size=auto: even one sequence per micro-step runs out of memory; use "
-            "train.activation_checkpointing=full, a lower train.precision or a smaller model.block_size"
+            "speed.activation_checkpointing=full, a lower speed.precision or a smaller model.block_size"
         )
     while bad - good > 1:  # good fits, bad does not
         mid = (good + bad) // 2
@@ -190,7 +190,7 @@ def find_batch_size(model: nn.Module, cfg: Config, precision, device: torch.devi
     and the global RNG are as they were afterwards. search: run trials (default: on CUDA devices only)."""
     m = cfg.model
     allowed = allowed_sizes(cfg.train.batch_tokens, m.block_size, world_size)
-    if allowed is not None and cfg.train.batch_warmup_steps > 0:
+    if allowed is not None and cfg.schedule.batch_warmup_steps > 0:
         allowed = allowed[:-1] or allowed  # batch-size warmup needs at least two micro-steps to grow over
     if not (device.type == "cuda" if search is None else search):
         cap = host_memory_cap(m)

@@ -5,7 +5,7 @@ optimizer and step from build(); nothing else assembles them. The order is fixed
 the ones before it built:
 
      1. data            the prepared shards (data.dir, or the built-in corpus); the vocabulary comes from them
-     2. weights         a fresh model of model.arch at run.seed, or the weights of train.init_from; a resumed
+     2. weights         a fresh model of model.arch at run.seed, or the weights of finetune.init_from; a resumed
                         run must be the same model, optimizer and tokenizer (train/resume.py)
      3. adapters        LoRA and quantization-aware training (adapt/lora.py, adapt/qat.py)
         kernels         fused RMSNorm / RoPE and the chunked cross-entropy (kernels/)
@@ -15,7 +15,7 @@ the ones before it built:
      6. batch size      train.batch_size=auto, found on the model as it will train (train/batch_finder.py)
      7. distribute      DDP or fully_shard under torchrun (parallel/distribute.py)
      8. compile         torch.compile of what distribute returned (train/techniques.py)
-     9. optimizer       train.optimizer's registry entry (train/optim.py), and the fp16 gradient scaler
+     9. optimizer       optim.name's registry entry (train/optim.py), and the fp16 gradient scaler
     10. restored state  a resumed checkpoint's weights, optimizer and scaler (train/resume.py)
 
 then the loader (at the resumed position), the validation batches and the Stepper. The model module itself
@@ -84,12 +84,12 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     report = report or console.printer(world.is_main)
     validate(cfg, world.world_size)
     device = training_device(cfg.train.device, world)
-    if cfg.train.fp8:  # before any data work
+    if cfg.speed.fp8:  # before any data work
         check_fp8(device)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.speed.precision, device)
     data = data or resolve_data(cfg)                                                   # 1. data
     cfg, raw_model = _initial_model(cfg, data, fine_tune=resume is None)               # 2. weights
     if resume is not None:
@@ -97,21 +97,21 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     apply_adapters(raw_model, cfg)                                                     # 3. adapters, kernels, noise
     _apply_kernels_and_noise(raw_model, cfg)
     raw_model.to(device)                                                               # 4. device
-    if cfg.train.fp8:                                                                  # 5. fp8, checkpointing
+    if cfg.speed.fp8:                                                                  # 5. fp8, checkpointing
         apply_fp8(raw_model, device)
-    apply_activation_checkpointing(raw_model, cfg.train.activation_checkpointing)
+    apply_activation_checkpointing(raw_model, cfg.speed.activation_checkpointing)
     if cfg.train.batch_size == "auto":                                                 # 6. batch size
         saved = {"config": resume.state.config} if resume else None
         cfg = resolve_batch_size(cfg, raw_model, precision, device, world, saved, report=report)
     model, comm = distribute(raw_model, cfg.dist, world, device)                      # 7. distribute
-    model = apply_compile(model, cfg.train.compile, cfg.train.compile_mode)            # 8. compile
-    optimizer = build_optimizer(raw_model, cfg.train, device.type)                     # 9. optimizer
+    model = apply_compile(model, cfg.speed.compile, cfg.speed.compile_mode)            # 8. compile
+    optimizer = build_optimizer(raw_model, cfg.optim, device.type)                     # 9. optimizer
     scaler = precision.grad_scaler()
     if resume is not None:                                                             # 10. restored state
         restore(raw_model, optimizer, resume.path, world, resume.raw)
         if scaler is not None and resume.state.scaler:
             scaler.load_state_dict(resume.state.scaler)
-    masks = sparsity_masks(raw_model) if cfg.train.keep_sparsity else []
+    masks = sparsity_masks(raw_model) if cfg.finetune.keep_sparsity else []
     stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, masks, guard)
     return Trainee(cfg, world, data, device, precision, raw_model, model, optimizer, scaler, comm,
                    loader=_loader(cfg, data, world, device, resume), stepper=stepper,
@@ -131,9 +131,9 @@ def resolve_data(cfg: Config) -> DataDir:
 
 def _initial_model(cfg: Config, data: DataDir, fine_tune: bool) -> tuple[Config, nn.Module]:
     """The model before any technique: its section resolved (the vocabulary from the data; the whole section
-    from train.init_from when fine-tuning), built at run.seed, with init_from's weights when `fine_tune`
+    from finetune.init_from when fine-tuning), built at run.seed, with init_from's weights when `fine_tune`
     (a resumed fine-tune gets its weights from its own checkpoint instead)."""
-    source = init_source(cfg, data) if cfg.train.init_from else None
+    source = init_source(cfg, data) if cfg.finetune.init_from else None
     model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
         dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -145,14 +145,14 @@ def _initial_model(cfg: Config, data: DataDir, fine_tune: bool) -> tuple[Config,
 
 
 def init_source(cfg: Config, data: DataDir) -> Any:
-    """The run that train.init_from names (a LoadedRun), checked against the data it is to be tuned on."""
+    """The run that finetune.init_from names (a LoadedRun), checked against the data it is to be tuned on."""
     from gptforge.runs import load_run
 
-    source = load_run(cfg.train.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
-    where = f"train.init_from={cfg.train.init_from}"
+    source = load_run(cfg.finetune.init_from, report=lambda msg: console.printer()(f"[yellow]{msg}[/]"))
+    where = f"finetune.init_from={cfg.finetune.init_from}"
     if "quantization" in source.state:
         raise CheckpointError(f"{where} is quantized; fine-tune the full-precision run "
-                              "(and use train.qat for quantization-aware training)")
+                              "(and use finetune.qat for quantization-aware training)")
     if source.tokenizer is not None and data.tokenizer is not None and source.tokenizer.sha256 != data.tokenizer.sha256:
         raise CheckpointError(f"{data.path} was tokenized with another tokenizer than {where}; "
                               f"prepare the data with --tokenizer {source.checkpoint / 'tokenizer.json'}")
@@ -164,26 +164,26 @@ def init_source(cfg: Config, data: DataDir) -> Any:
 
 def apply_adapters(model: nn.Module, cfg: Config) -> None:
     """LoRA or quantization-aware training, from outside the model: what the saved weights need to load."""
-    if cfg.train.lora.rank:
+    if cfg.finetune.lora.rank:
         from gptforge.adapt.lora import apply_lora
 
-        apply_lora(model, cfg.train.lora)
-    if cfg.train.qat:
+        apply_lora(model, cfg.finetune.lora)
+    if cfg.finetune.qat:
         from gptforge.adapt.qat import apply_qat
 
-        apply_qat(model, cfg.train.qat)
+        apply_qat(model, cfg.finetune.qat)
 
 
 def _apply_kernels_and_noise(model: nn.Module, cfg: Config) -> None:
     """The fused kernels and NEFTune, from outside the model: training-time only."""
-    if cfg.train.fused_kernels or cfg.train.fused_ce:  # Triton or the reference, chosen per call by device
+    if cfg.speed.fused_kernels or cfg.speed.fused_ce:  # Triton or the reference, chosen per call by device
         from gptforge.kernels import apply_kernels
 
-        apply_kernels(model, cfg.train.fused_kernels, cfg.train.fused_ce, cfg.train.ce_chunk_tokens)
-    if cfg.train.neftune_alpha > 0:
+        apply_kernels(model, cfg.speed.fused_kernels, cfg.speed.fused_ce, cfg.speed.ce_chunk_tokens)
+    if cfg.finetune.neftune_alpha > 0:
         from gptforge.adapt.neftune import apply_neftune
 
-        apply_neftune(model, cfg.train.neftune_alpha)
+        apply_neftune(model, cfg.finetune.neftune_alpha)
 
 
 def _loader(cfg: Config, data: DataDir, world: World, device: torch.device, resume: Resume | None) -> TokenLoader:
@@ -194,5 +194,5 @@ def _loader(cfg: Config, data: DataDir, world: World, device: torch.device, resu
 
 
 def _validation(cfg: Config, data: DataDir, world: World) -> list:
-    return val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.train.eval_tokens,
+    return val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens,
                        world.rank, world.world_size)

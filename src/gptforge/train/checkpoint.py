@@ -11,7 +11,7 @@ Layout of RUN_DIR/checkpoints/step_<N>/:
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
     manifest.json          size and sha256 of every file above; written last
 
-RUN_DIR/best/ (train.keep_best) has the same layout and holds the checkpoint of the best validation loss so
+RUN_DIR/best/ (eval.keep_best) has the same layout and holds the checkpoint of the best validation loss so
 far; it is replaced as a whole, never pruned, and never taken as a step checkpoint to resume from.
 
 A checkpoint is built in a hidden sibling folder, every file fsynced, then renamed into place: a crash leaves

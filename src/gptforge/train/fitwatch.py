@@ -2,7 +2,7 @@
 stopping) and the fit watch, which flags overfitting and underfitting.
 
 EarlyStop counts the evaluations since the validation loss last improved by more than
-train.early_stop_min_delta on the best so far; after train.early_stop_patience of them the run stops.
+eval.early_stop_min_delta on the best so far; after eval.early_stop_patience of them the run stops.
 
 FitWatch is fed one (step, train loss, val loss) per evaluation; the train loss is the mean of the training
 steps since the evaluation before (a single step is too noisy to show a trend). With p = guard.fit_patience:
@@ -157,8 +157,8 @@ class FitWatch:
         message = (
             f"overfitting: val loss rose {self.patience} evaluations in a row ({h[0][2]:.4f} -> {h[-1][2]:.4f} since "
             f"step {h[0][0]}) while train loss fell ({h[0][1]:.4f} -> {h[-1][1]:.4f}). Try more data, "
-            "model.dropout, train.weight_decay, data.aug_span_delete or data.aug_token_noise, or stop early with "
-            "train.early_stop_patience (train.keep_best keeps the best weights in RUN_DIR/best)"
+            "model.dropout, optim.weight_decay, data.aug_span_delete or data.aug_token_noise, or stop early with "
+            "eval.early_stop_patience (eval.keep_best keeps the best weights in RUN_DIR/best)"
         )
         return Flag("overfitting", fields, message)
 
@@ -177,7 +177,7 @@ class FitWatch:
             f"underfitting: train and val loss flat for {self.patience} evaluations (val {h[-1][2]:.4f}, train "
             f"{h[-1][1]:.4f}, each within {100 * self.plateau:.0f}% since step {h[0][0]}) and still above "
             f"{line:.4f} ({100 * self.high_fraction:.0f}% of the {self.baseline:.4f} nats a token-frequency model "
-            "gets). Try a larger model (model.depth, or model.n_layer and model.n_embd) or a higher train.lr"
+            "gets). Try a larger model (model.depth, or model.n_layer and model.n_embd) or a higher optim.lr"
         )
         return Flag("underfitting", fields, message)
 

@@ -105,7 +105,7 @@ class Run:
         if resume:
             self.metrics.event("resume", self.state.step, checkpoint=resume.path.name, dropped_lines=dropped,
                                world_size=self.world.world_size, saved_world_size=self.state.world_size)
-        self.early = EarlyStop(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta, self.state.early_stop)
+        self.early = EarlyStop(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta, self.state.early_stop)
         self.watch = fit_watch(cfg.guard, self.t.data.train, self.state.fit_watch)
         self.last_saved = self.state.step if resume else -1
         self.train_loss: float | None = None
@@ -115,7 +115,7 @@ class Run:
                      "raise train.max_steps/max_tokens/max_time to go on")
         elif self.early.stopped:
             self.say(f"the run in {self.run_dir} stopped early at step {self.state.step} ({self.early.bad_evals} "
-                     "evaluations without improvement); raise train.early_stop_patience, or set it to 0, to go on")
+                     "evaluations without improvement); raise eval.early_stop_patience, or set it to 0, to go on")
         elif self.state.step == 0:
             self.evaluate()
         # Last thing before the first step, so nothing in the set-up can consume random numbers.
@@ -126,7 +126,7 @@ class Run:
 
     def loop(self) -> None:
         """Step until a budget is met or early stopping fires; log, evaluate and save at step boundaries."""
-        cfg, s = self.cfg.train, self.state
+        cfg, s = self.cfg, self.state
         self.bar = console.TrainProgress(enabled=self.world.is_main)
         self.meter, self.tokens_before = energy_meter(self.t.device), s.tokens  # None without NVML or a GPU
         self.window_tokens, self.window_time = 0, 0.0
@@ -137,11 +137,11 @@ class Run:
                 self.report_skips(loss, grad_norm, skipped)
                 if self.guard.needs_rollback:
                     self.roll_back()
-                if s.step % cfg.log_every == 0 or not self.budget_left():
+                if s.step % cfg.train.log_every == 0 or not self.budget_left():
                     self.log(loss, grad_norm)
-                if cfg.eval_every and s.step % cfg.eval_every == 0 and self.budget_left():
+                if cfg.eval.every and s.step % cfg.eval.every == 0 and self.budget_left():
                     self.evaluate()
-                if cfg.save_every and s.step % cfg.save_every == 0 and self.budget_left():
+                if cfg.train.save_every and s.step % cfg.train.save_every == 0 and self.budget_left():
                     self.save()
         except StopTraining as e:
             self.metrics.event("stopped", s.step, reason=str(e))
@@ -196,8 +196,8 @@ class Run:
         cfg, s, t = self.cfg, self.state, self.t
         accum = cfg.grad_accum_steps(self.world.world_size)
         t0 = time.perf_counter()
-        self.lr_scale = lr_multiplier(cfg.train, s.step, progress(cfg.train, s.step, s.tokens, s.time_s))
-        n_micro = micro_steps(cfg.train, s.step, accum)  # < accum only during batch-size warmup
+        self.lr_scale = lr_multiplier(cfg.schedule, s.step, progress(cfg.train, s.step, s.tokens, s.time_s))
+        n_micro = micro_steps(cfg.schedule, s.step, accum)  # < accum only during batch-size warmup
         loss, grad_norm, skipped = t.stepper.step(t.augment(t.loader.next_step(n_micro)), self.lr_scale, s.step + 1)
         if t.device.type == "cuda" and (s.step + 1) % cfg.train.log_every == 0:
             torch.cuda.synchronize(t.device)
@@ -215,7 +215,7 @@ class Run:
             self.metrics.event(f"skip_{skipped}", step, loss=loss, grad_norm=grad_norm, consecutive=consecutive)
             self.say(f"[yellow]step {step}: {skipped.replace('_', ' ')} (loss {loss:.4g}, grad norm {grad_norm:.4g}); "
                      "update skipped[/]")
-        device_skips = self.t.stepper.device_skips  # train.sync_free: skipped on the device since the last read
+        device_skips = self.t.stepper.device_skips  # speed.sync_free: skipped on the device since the last read
         if device_skips:
             self.metrics.event("skip_nonfinite", step, on_device=device_skips, consecutive=consecutive)
             self.say(f"[yellow]step {step}: {device_skips} non-finite update(s) skipped on the device[/]")
@@ -227,7 +227,7 @@ class Run:
         target = checkpoint.find_latest(self.run_dir, report=self.say)
         if target is None:
             raise GptforgeError(f"{skipped} updates in a row were skipped (step {step}) and there is no checkpoint "
-                                "to go back to; lower train.lr or check the data (metrics.jsonl has every skip)")
+                                "to go back to; lower optim.lr or check the data (metrics.jsonl has every skip)")
         restore(self.t.raw_model, self.t.optimizer, target, self.world)
         self.metrics.event("rollback", step, checkpoint=target.name, skipped=skipped)
         self.say(f"[yellow]step {step}: {skipped} skipped updates in a row; weights and optimizer back to "
@@ -239,7 +239,7 @@ class Run:
         self.train_loss = float(loss)  # sync_free keeps it on the device until here
         tps = self.window_tokens / self.window_time
         record = {
-            "step": s.step, "tokens": s.tokens, "time_s": round(s.time_s, 3), "lr": self.cfg.train.lr * self.lr_scale,
+            "step": s.step, "tokens": s.tokens, "time_s": round(s.time_s, 3), "lr": self.cfg.optim.lr * self.lr_scale,
             "train_loss": self.train_loss, "grad_norm": float(grad_norm), "tokens_per_sec": round(tps, 1),
             "mfu": round(self.flops_per_token * tps / (self.peak * self.world.world_size), 5),
             "peak_mem_gb": round(peak_memory_gb(t.device), 3),
@@ -273,13 +273,13 @@ class Run:
             self.say(f"[yellow]step {step}: {flag.message}[/]")
         if step == 0:  # the untrained model: no best checkpoint (and no optimizer state to write), no count
             return
-        if early.update(step, result["val_loss"]) and self.cfg.train.keep_best:
+        if early.update(step, result["val_loss"]) and self.cfg.eval.keep_best:
             self.save(best=True)
         if early.stopped:
             self.metrics.event("early_stop", step, best_step=early.best_step, best_val_loss=early.best_loss,
                                evals_without_improvement=early.bad_evals, min_delta=early.min_delta)
             best = f"{early.best_loss:.4f} at step {early.best_step}" if early.best_step is not None else "none"
-            kept = f" (in {self.run_dir / 'best'})" if self.cfg.train.keep_best and early.best_step is not None else ""
+            kept = f" (in {self.run_dir / 'best'})" if self.cfg.eval.keep_best and early.best_step is not None else ""
             self.say(f"[yellow]step {step}: early stop: val loss has not improved by more than {early.min_delta} "
                      f"for {early.bad_evals} evaluations; best {best}{kept}[/]")
 

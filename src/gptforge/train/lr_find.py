@@ -7,9 +7,9 @@ the curve: the rate where the smoothed loss falls fastest (steepest descent agai
 conservative one, a tenth of the rate at the lowest loss.
 
 The sweep steps what the one builder (train/builder.py) builds for `gptforge train`: the same model with
-every technique, optimizer, loader and Stepper, so it measures the optimizer users train with. The rate swept is train.lr; every parameter group
-follows it the way it follows the schedule in training (with train.optimizer=muon the hidden matrices' rate
-train.muon_lr is scaled by the same multiplier), so the suggestion is a value of train.lr.
+every technique, optimizer, loader and Stepper, so it measures the optimizer users train with. The rate swept is optim.lr; every parameter group
+follows it the way it follows the schedule in training (with optim.name=muon the hidden matrices' rate
+optim.muon_lr is scaled by the same multiplier), so the suggestion is a value of optim.lr.
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ def lr_find(cfg: Config, min_lr: float = 1e-5, max_lr: float = 10.0, steps: int 
 
 def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int,
              report: Callable[[str], None]) -> dict[str, Any]:
-    t = build(cfg, world, report=report)  # a fresh model (or train.init_from's), never a run to resume
+    t = build(cfg, world, report=report)  # a fresh model (or finetune.init_from's), never a run to resume
     planned = lr_sweep(min_lr, max_lr, steps)
     beta = smoothing_beta(steps)
     try:
-        losses, smoothed, diverged = _sweep(t.stepper, t.loader, planned, t.cfg.train.lr, beta, report)
+        losses, smoothed, diverged = _sweep(t.stepper, t.loader, planned, t.cfg.optim.lr, beta, report)
     finally:
         t.close()
     lrs = planned[: len(losses)]
@@ -108,7 +108,7 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
 def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: float, beta: float,
            report: Callable[[str], None]) -> tuple[list[float], list[float], bool]:
     """One optimizer step per rate; stops when the smoothed loss diverges. Returns raw and smoothed losses.
-    Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / train.lr."""
+    Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / optim.lr."""
     losses, smoothed, best = [], [], math.inf
     stepper.model.train()
     for i, lr in enumerate(lrs):
@@ -127,9 +127,9 @@ def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: flo
 
 def _suggestion(cfg: Config, lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
     """suggest(), plus the config key to set and the rates that follow it under the run's optimizer (muon:
-    train.muon_lr, scaled by the same multiplier in the sweep)."""
-    found = {**suggest(lrs, smoothed), "key": "train.lr"}
-    follows = OPTIMIZERS[cfg.train.optimizer].follows_lr(cfg.train)
+    optim.muon_lr, scaled by the same multiplier in the sweep)."""
+    found = {**suggest(lrs, smoothed), "key": "optim.lr"}
+    follows = OPTIMIZERS[cfg.optim.name].follows_lr(cfg.optim)
     found["follows"] = {key: {"steepest": found["steepest"] * ratio, "conservative": found["conservative"] * ratio}
                         for key, ratio in follows.items()}
     return found

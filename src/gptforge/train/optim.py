@@ -1,17 +1,17 @@
-"""Optimizers, chosen by train.optimizer from the OPTIMIZERS registry, and their parameter groups.
+"""Optimizers, chosen by optim.name from the OPTIMIZERS registry, and their parameter groups.
 
     adamw  AdamW with decay / no-decay groups: weight decay on matrices, none on norms, biases, embeddings.
-    muon   Muon (train/muon.py) for the 2-D matrices inside the transformer blocks, at train.muon_lr; AdamW at
-           train.lr for the token (and position) embeddings, an untied head, norms, biases and scalars, with
+    muon   Muon (train/muon.py) for the 2-D matrices inside the transformer blocks, at optim.muon_lr; AdamW at
+           optim.lr for the token (and position) embeddings, an untied head, norms, biases and scalars, with
            weight decay where the adamw choice has it (the untied head). A tied embedding/head matrix is AdamW's.
 
 Every group carries its own peak rate, `base_lr`; the loop sets lr = base_lr x the schedule's multiplier.
-The configured rates win over those saved in a checkpoint (as train.lr always has), so a resumed run may
+The configured rates win over those saved in a checkpoint (as optim.lr always has), so a resumed run may
 change them; see keep_base_lrs.
 
 A new optimizer is one module and one OPTIMIZERS entry: how to build it, the config keys it owns (so they
 can be told apart from keys that do nothing under another choice), the search space `gptforge tune` tries
-for it, and the rates that follow a train.lr suggested by `gptforge lr-find`. `cfg` below is the train
+for it, and the rates that follow an optim.lr suggested by `gptforge lr-find`. `cfg` below is the optim
 section of the config (only its attributes are read, so this module imports no config).
 """
 
@@ -73,11 +73,11 @@ def muon_param_groups(model: nn.Module, cfg) -> list[dict]:
 
 
 def _adamw(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """AdamW; with train.fused_optimizer torch's fused kernel on GPUs and CPUs (one pass over all parameters:
+    """AdamW; with optim.fused torch's fused kernel on GPUs and CPUs (one pass over all parameters:
     on a 2-core CPU, 11 ms instead of 32 ms per step for 17M parameters)."""
     groups = [{**g, "base_lr": cfg.lr} for g in param_groups(model, cfg.weight_decay)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=cfg.fused_optimizer and device_type in ("cuda", "cpu"))
+                             fused=cfg.fused and device_type in ("cuda", "cpu"))
 
 
 def _muon(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
@@ -86,30 +86,30 @@ def _muon(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """One choice of train.optimizer."""
+    """One choice of optim.name."""
 
-    build: Callable[[nn.Module, Any, str], torch.optim.Optimizer]  # (model, train section, device type)
-    keys: tuple[str, ...] = ()  # train.* keys that only this optimizer reads
+    build: Callable[[nn.Module, Any, str], torch.optim.Optimizer]  # (model, optim section, device type)
+    keys: tuple[str, ...] = ()  # optim.* keys that only this optimizer reads
     # `gptforge tune`'s default ranges for its own keys: (key, low / value, high / value), log-uniform.
     tune_ranges: tuple[tuple[str, float, float], ...] = ()
-    # Rates that follow train.lr when `gptforge lr-find` suggests one: key -> its value / train.lr.
+    # Rates that follow optim.lr when `gptforge lr-find` suggests one: key -> its value / optim.lr.
     follows_lr: Callable[[Any], dict[str, float]] = field(default=lambda cfg: {})
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(_adamw, keys=("train.fused_optimizer",)),
+    "adamw": OptimizerEntry(_adamw, keys=("optim.fused",)),
     "muon": OptimizerEntry(
         _muon,
-        keys=("train.muon_lr", "train.muon_momentum", "train.muon_ns_steps"),
-        tune_ranges=(("train.muon_lr", 1 / 5, 5.0),),
-        follows_lr=lambda cfg: {"train.muon_lr": cfg.muon_lr / cfg.lr},
+        keys=("optim.muon_lr", "optim.muon_momentum", "optim.muon_ns_steps"),
+        tune_ranges=(("optim.muon_lr", 1 / 5, 5.0),),
+        follows_lr=lambda cfg: {"optim.muon_lr": cfg.muon_lr / cfg.lr},
     ),
 }
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """The optimizer train.optimizer names, over the model's trainable parameters."""
-    optimizer = OPTIMIZERS[cfg.optimizer].build(model, cfg, device_type)
+    """The optimizer optim.name names, over the model's trainable parameters."""
+    optimizer = OPTIMIZERS[cfg.name].build(model, cfg, device_type)
     keep_base_lrs(optimizer)
     return optimizer
 

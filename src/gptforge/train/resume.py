@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gptforge.config import Config
+from gptforge.config import Config, migrate
 from gptforge.data.datadir import DataDir
 from gptforge.errors import CheckpointError
 from gptforge.parallel.distribute import (
@@ -48,25 +48,26 @@ def find_resume(run_dir: Path, report: Callable[[str], None]) -> Resume | None:
     if raw.get("format") == checkpoint.WEIGHTS_FORMAT:
         raise CheckpointError(
             f"{run_dir} holds weights only (imported, quantized or pruned), not a training run; "
-            f"fine-tune it with train.init_from={run_dir} and another run.dir"
+            f"fine-tune it with finetune.init_from={run_dir} and another run.dir"
         )
     return Resume(path, TrainState.from_dict(raw), raw)
 
 
 def check_same_run(saved: TrainState, cfg: Config, data: DataDir, run_dir: Path) -> None:
     """A run directory may only be resumed by the same model, optimizer and tokenizer."""
-    old, new = saved.config["model"], dataclasses.asdict(cfg.model)
+    saved_cfg = migrate(saved.config)  # a run saved by an earlier version: its keys where they live now
+    old, new = saved_cfg["model"], dataclasses.asdict(cfg.model)
     diffs = [f"model.{k}: {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k != "preset" and old.get(k) != v]
     if diffs:
         raise CheckpointError(
             f"{run_dir} holds a run of a different model ({'; '.join(diffs)}). "
             "Choose another run.dir, or delete that one to start over."
         )
-    saved_optimizer = saved.config.get("train", {}).get("optimizer", "adamw")
-    if saved_optimizer != cfg.train.optimizer:
+    saved_optimizer = saved_cfg.get("optim", {}).get("name", "adamw")
+    if saved_optimizer != cfg.optim.name:
         raise CheckpointError(
-            f"{run_dir} was trained with train.optimizer={saved_optimizer}, this run asks for "
-            f"train.optimizer={cfg.train.optimizer}; use the same optimizer to resume, or another run.dir"
+            f"{run_dir} was trained with optim.name={saved_optimizer}, this run asks for "
+            f"optim.name={cfg.optim.name}; use the same optimizer to resume, or another run.dir"
         )
     if data.tokenizer is not None and saved.tokenizer_sha256 and saved.tokenizer_sha256 != data.tokenizer.sha256:
         raise CheckpointError(f"{run_dir} was trained with a different tokenizer than {data.path} has; choose another run.dir")

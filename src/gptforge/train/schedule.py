@@ -4,8 +4,8 @@ Progress is the fraction of the budget used: the largest of steps/max_steps, tok
 time/max_time among the limits that are set. A time budget makes the schedule follow the wall clock, which
 is what a user who says "train for five minutes" wants; step or token budgets keep it exactly reproducible.
 
-The wsd (warmup-stable-decay) cooldown is linear or cosine (train.cooldown). Batch-size warmup
-(train.batch_warmup_steps) is a schedule too: micro_steps() is the number of micro-batches an optimizer
+The wsd (warmup-stable-decay) cooldown is linear or cosine (schedule.cooldown). Batch-size warmup
+(schedule.batch_warmup_steps) is a schedule too: micro_steps() is the number of micro-batches an optimizer
 step accumulates, growing linearly from 1 to the full accumulation over the first steps.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from gptforge.config import TrainConfig
+from gptforge.config import ScheduleConfig, TrainConfig
 
 
 def progress(cfg: TrainConfig, step: int, tokens: int, time_s: float) -> float:
@@ -27,16 +27,16 @@ def progress(cfg: TrainConfig, step: int, tokens: int, time_s: float) -> float:
     return min(1.0, max(fractions)) if fractions else 0.0
 
 
-def lr_multiplier(cfg: TrainConfig, step: int, frac: float) -> float:
+def lr_multiplier(cfg: ScheduleConfig, step: int, frac: float) -> float:
     """Multiplier of the peak rate at optimizer step `step` (0-based) with `frac` of the budget used."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio
-    if cfg.schedule == "constant":
+    if cfg.name == "constant":
         return 1.0
-    if cfg.schedule == "cosine":
+    if cfg.name == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if cfg.schedule == "wsd":
+    if cfg.name == "wsd":
         start = 1.0 - cfg.cooldown_frac
         if frac <= start or cfg.cooldown_frac == 0:
             return 1.0
@@ -44,13 +44,13 @@ def lr_multiplier(cfg: TrainConfig, step: int, frac: float) -> float:
             t = (frac - start) / cfg.cooldown_frac  # 0 -> 1 over the cooldown
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         return 1.0 - (1.0 - floor) * (frac - start) / cfg.cooldown_frac
-    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
-def micro_steps(cfg: TrainConfig, step: int, accum: int) -> int:
+def micro_steps(cfg: ScheduleConfig, step: int, accum: int) -> int:
     """Micro-batches accumulated by optimizer step `step` (0-based) when the full step has `accum`.
 
-    Over the first W = train.batch_warmup_steps steps: 1 + floor((accum - 1) * step / W), a line from 1 at
+    Over the first W = schedule.batch_warmup_steps steps: 1 + floor((accum - 1) * step / W), a line from 1 at
     step 0 towards accum at step W, rounded down; accum from step W on.
     """
     warmup = cfg.batch_warmup_steps

@@ -1,8 +1,8 @@
 """The update path: one optimizer step from a global batch, written once for every command.
 
 Micro-steps with gradient accumulation (gradients synchronized on the last one only), clipping, the guard's
-verdict on the host (train.sync_free off) or on the device (masked_step, between read steps with
-train.sync_free), the fp16 gradient scaler, sparsity masks re-applied after the update. `train`, `lr-find`,
+verdict on the host (speed.sync_free off) or on the device (masked_step, between read steps with
+speed.sync_free), the fp16 gradient scaler, sparsity masks re-applied after the update. `train`, `lr-find`,
 `bench` and `doctor` all step through Stepper.
 """
 
@@ -37,14 +37,14 @@ class Stepper:
                  guard: Guard | None = None):
         self.model, self.optimizer, self.scaler, self.precision, self.world = model, optimizer, scaler, precision, world
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
-        self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         self.debug = cfg.debug
-        self.warmup = cfg.train.warmup_steps
+        self.warmup = cfg.schedule.warmup_steps
         self.sparsity_masks = sparsity_masks
         self.guard = guard
-        # train.sync_free: loss and gradient norm are read back on log, eval and save steps only.
-        self.sync_free = cfg.train.sync_free
-        self.read_every = [n for n in (cfg.train.log_every, cfg.train.eval_every, cfg.train.save_every) if n]
+        # speed.sync_free: loss and gradient norm are read back on log, eval and save steps only.
+        self.sync_free = cfg.speed.sync_free
+        self.read_every = [n for n in (cfg.train.log_every, cfg.eval.every, cfg.train.save_every) if n]
         self.device_skips = 0  # set on read steps: steps skipped on the device since the previous read
         self._counters: torch.Tensor | None = None  # (3,) int32 on the device: skipped, run of skips, any applied
         self.phases: PhaseTimer | None = None  # set by `gptforge bench` to split each step's time
@@ -55,7 +55,7 @@ class Stepper:
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr_scale: float, step: int) -> tuple[float, float, str | None]:
         """Optimizer step number `step` (from 1), every group at its base_lr x `lr_scale` (the schedule).
         Returns the mean loss over all processes, the gradient norm, and why the update was skipped (None
-        when it was applied). With train.sync_free, between read steps both come back as 0-dim device
+        when it was applied). With speed.sync_free, between read steps both come back as 0-dim device
         tensors and the skip is decided on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale  # the schedule's multiplier of each group's own peak
@@ -116,7 +116,7 @@ class Stepper:
         return torch.where(stats[1] > 0, torch.full_like(stats[0], math.nan), stats[0] / self.world.world_size)
 
     def _device_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """train.sync_free between read steps: the same update, every decision taken on the device, nothing
+        """speed.sync_free between read steps: the same update, every decision taken on the device, nothing
         read back. Non-finite steps are skipped by masked_step (the spike rule waits for a read step)."""
         self.device_skips = 0
         if self.scaler is not None:  # fp16: non-finite steps are the scaler's to skip, as in step()

@@ -1,9 +1,9 @@
 """Compute and memory techniques applied to a built model from outside it (the model file knows nothing of them).
 
-    compile                  torch.compile, with train.compile_mode.
+    compile                  torch.compile, with speed.compile_mode.
     activation checkpointing recompute transformer blocks in the backward pass instead of keeping their
-                             activations (train.activation_checkpointing).
-    fp8                      torchao's float8 training linear layers (train.fp8), on Hopper / Ada GPUs.
+                             activations (speed.activation_checkpointing).
+    fp8                      torchao's float8 training linear layers (speed.fp8), on Hopper / Ada GPUs.
 
 The builder (train/builder.py) applies them in torchtitan's order: fp8 -> activation checkpointing ->
 (distribute: DDP / fully_shard) -> compile. None of them renames a parameter: checkpoints load into a model
@@ -22,7 +22,7 @@ from gptforge.runtime import FP8_INSTALL, check_fp8
 
 def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> nn.Module:
     """torch.compile the model; the raw module is kept by the caller for saving (no `_orig_mod.` keys).
-    mode is train.compile_mode ("default" and None are torch's default)."""
+    mode is speed.compile_mode ("default" and None are torch's default)."""
     if not enabled:
         return model
     return torch.compile(model, mode=None if mode in (None, "default") else mode)
@@ -64,7 +64,7 @@ def checkpointed_blocks(n_blocks: int, mode: str) -> list[int]:
         return list(range(n_blocks))
     if mode == "selective":
         return list(range(0, n_blocks, 2))
-    raise ConfigError(f"train.activation_checkpointing: {mode!r} is not one of: none, selective, full")
+    raise ConfigError(f"speed.activation_checkpointing: {mode!r} is not one of: none, selective, full")
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
@@ -110,5 +110,5 @@ def apply_fp8(model: nn.Module, device: torch.device | None = None) -> nn.Module
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
-        raise ConfigError(f"train.fp8=true needs torchao: {FP8_INSTALL}") from None
+        raise ConfigError(f"speed.fp8=true needs torchao: {FP8_INSTALL}") from None
     return convert_to_float8_training(model, module_filter_fn=fp8_eligible)
