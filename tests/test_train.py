@@ -83,9 +83,9 @@ def test_runs_saved_in_the_old_config_layout_load_and_resume(small_data, tmp_pat
                                            "sha256": sha256_file(ckpt / "state.json")}
         (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
 
-    from gptforge.inference import load_checkpoint
+    from gptforge.runs import load_run
 
-    loaded = load_checkpoint(tmp_path / "r")
+    loaded = load_run(tmp_path / "r")
     assert loaded.config.optim.name == "adamw" and loaded.config.optim.lr == 0.02 and loaded.config.model.arch == "gpt"
     with pytest.raises(CheckpointError, match="trained with optim.name=adamw"):  # read from the old train.optimizer
         run(small_data, tmp_path / "r", "train.max_steps=4", "optim.name=muon")
