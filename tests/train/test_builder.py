@@ -86,3 +86,32 @@ def test_start_banner_names_the_budgets_in_force(small_data, tmp_path, capsys):
     train(config(small_data, tmp_path / "r", "train.max_steps=2", "train.max_tokens=100000"))
     out = " ".join(capsys.readouterr().out.split())
     assert "budget: stops at 2 steps (train.max_steps) or 100,000 tokens (train.max_tokens)" in out
+
+
+def test_a_new_optimizer_is_one_registry_entry(small_data, tmp_path, monkeypatch):
+    from gptforge.train import optim
+
+    def sgd(model, cfg, device_type):
+        return torch.optim.SGD([{"params": [p for p in model.parameters() if p.requires_grad], "base_lr": cfg.lr}],
+                               lr=cfg.lr)
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", optim.OptimizerEntry(sgd))
+    cfg = config(small_data, tmp_path / "r", "train.max_steps=2", "optim.name=sgd")  # the choices follow
+    t = builder.build(cfg, World())
+    try:
+        before = [p.detach().clone() for p in t.raw_model.parameters()]
+        loss, _, skipped = t.stepper.step(t.loader.next_step(), 1.0, 1)
+    finally:
+        t.close()
+    assert isinstance(t.optimizer, torch.optim.SGD) and skipped is None
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.raw_model.parameters()))
+    with pytest.raises(Exception, match="optim.name: 'rmsprop' is not one of: adamw, muon, sgd"):
+        config(small_data, tmp_path / "r", "optim.name=rmsprop")
+
+
+def test_model_arch_picks_from_the_registry(monkeypatch):
+    from gptforge import model
+
+    assert type(model.build_model(load_config(None, ["model.preset=tiny"]).model)).__name__ == "GPT"
+    with pytest.raises(Exception, match="model.arch: 'lstm' is not one of: gpt"):
+        load_config(None, ["model.arch=lstm"])
