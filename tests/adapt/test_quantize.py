@@ -13,7 +13,7 @@ from torch import nn
 from conftest import random_weights_run
 
 import gptforge
-from gptforge.adapt.lora import apply_lora, lora_state_dict
+from gptforge.adapt.lora import apply_lora
 from gptforge.adapt.qlinear import (
     Int4Linear, Int8Linear, build_quantized, dequantize_int4, dequantize_int8, linear_bytes, pack_int4,
     quantize_int4, quantize_int8, quantize_model, unpack_int4,
@@ -150,7 +150,7 @@ def test_a_lora_run_is_quantized_with_its_adapters_merged(small_data, tmp_path):
     torch.manual_seed(0)
     model = GPT(cfg.model)
     apply_lora(model, cfg.finetune.lora)
-    for name, tensor in lora_state_dict(model).items():
+    for name, tensor in model.named_parameters():
         if name.endswith("lora_B"):
             nn.init.normal_(tensor, std=0.1)
     save_weights(tmp_path / "lora", model, cfg.to_dict(), tokenizer_file=small_data / "tokenizer.json")

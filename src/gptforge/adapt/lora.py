@@ -2,7 +2,7 @@
 
 A LoRALinear is an nn.Linear holding the original weight and bias tensors (not copies) under their
 original names, so the base model's checkpoint keys still apply and merging needs no bookkeeping. Only
-lora_A and lora_B train; they are saved on their own with `lora_state_dict`.
+lora_A and lora_B train; checkpoints hold them beside the frozen weights in model.safetensors.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.config import LoraConfig
-from gptforge.errors import CheckpointError, ConfigError
+from gptforge.errors import ConfigError
 
 
 class LoRALinear(nn.Linear):
@@ -79,30 +79,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, keyed and detached like state_dict() ("transformer.h.0.attn.c_attn.lora_A")."""
-    return {f"{name}.{key}": getattr(m, key).detach() for name, m in _lora_modules(model).items()
-            for key in ("lora_A", "lora_B")}
-
-
-def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy adapters into a model already wrapped by apply_lora; every key and shape must match."""
-    own = lora_state_dict(model)
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        problems = [f"{label}: {', '.join(items[:6])}" + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
-                    for label, items in (("missing", missing), ("unexpected", unexpected),
-                                         ("shape (saved vs model)", shapes)) if items]
-        raise CheckpointError("LoRA adapters do not fit this model (check finetune.lora.rank and finetune.lora.targets); "
-                              + "; ".join(problems))
-    with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(tensors[key])
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -77,7 +77,9 @@ class StepRig:
         return seconds
 
     def close(self) -> None:
+        """Stop the loader and let the model go while the process group exists (see train.loop.Run.close)."""
         self.trainee.close()
+        self.trainee = self.stepper = self.loader = None
 
     def record(self, meter=None) -> dict[str, Any]:
         """The bench record of the timed steps so far (energy from `meter`, when one was started)."""

@@ -174,11 +174,14 @@ class Run:
                            self.resumed_from, self.samples())
 
     def close(self) -> None:
-        """Close whatever was opened; safe on every exit and more than once."""
+        """Close whatever was opened; safe on every exit and more than once. The model and its DDP wrapper
+        are let go here, while the process group still exists: a wrapper freed after the group is destroyed
+        frees the group's last reference under the GIL, and gloo's worker threads can then deadlock."""
         if self.bar is not None:
             self.bar.close()
         if self.t is not None:
             self.t.close()
+            self.t = None
         if self.metrics is not None:
             self.metrics.close()
 
