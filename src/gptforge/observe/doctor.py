@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gptforge.runtime import synchronize, torchao_float8
+from gptforge.runtime import capabilities, synchronize, torchao_float8
 
 FIVE_MINUTES_S = 300.0
 ASSUMED_MFU = 0.5  # fraction of the fp32 matmul rate a training step reaches, when no step was measured
@@ -40,7 +40,6 @@ COMPILE_TIMEOUT_S = 240
 
 def probe_cpu() -> dict[str, Any]:
     from gptforge.observe.hardware import device_name
-    from gptforge.runtime import cpu_has_native_bf16
 
     flags: set[str] = set()
     try:
@@ -62,7 +61,7 @@ def probe_cpu() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "memory_gb": memory_gb,
         "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
-        "native_bf16": cpu_has_native_bf16(),
+        "native_bf16": capabilities(torch.device("cpu")).native_bf16,
     }
 
 
@@ -72,15 +71,16 @@ def probe_cuda() -> dict[str, Any]:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             cap = (props.major, props.minor)
+            caps = capabilities(torch.device("cuda", i))  # the probe precision and the fp8 check read
             devices.append({
                 "index": i,
                 "name": props.name,
                 "capability": list(cap),
                 "memory_gb": props.total_memory / 2**30,
                 "sm_count": props.multi_processor_count,
-                "bf16": cap >= (8, 0),  # native bf16 tensor cores: Ampere and newer
-                "tf32": cap >= (8, 0),
-                "fp8": cap >= (8, 9),  # fp8 tensor cores: Ada and Hopper and newer
+                "bf16": caps.native_bf16,  # native bf16 tensor cores: Ampere and newer
+                "tf32": caps.tf32,
+                "fp8": caps.fp8_cores,  # fp8 tensor cores: Ada and Hopper and newer
             })
     return {"build": torch.version.cuda, "available": bool(devices), "devices": devices}
 

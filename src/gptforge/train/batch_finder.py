@@ -40,6 +40,7 @@ from torch import nn
 
 from gptforge.config import Config, validate
 from gptforge.errors import ConfigError, GptforgeError
+from gptforge.runtime import synchronize
 
 MARGIN = 0.9
 GPU_MAX_BATCH = 1024
@@ -164,8 +165,7 @@ def micro_step_trial(model: nn.Module, precision, device: torch.device, block_si
         with precision.autocast():
             loss = model(x, y)
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         del state  # held through forward and backward, as the optimizer's would be
 
     return trial

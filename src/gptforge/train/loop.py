@@ -35,7 +35,7 @@ from gptforge.observe.hardware import peak_flops
 from gptforge.observe.metrics import MetricsLog, truncate_after
 from gptforge.parallel.distribute import full_model_state, full_optimizer_state, save_sharded
 from gptforge.parallel.world import World, running_world
-from gptforge.runtime import peak_memory_gb
+from gptforge.runtime import peak_memory_gb, synchronize
 from gptforge.train import checkpoint, rng
 from gptforge.train.builder import Trainee, apply_adapters, build
 from gptforge.train.fitwatch import EarlyStop, fit_watch
@@ -202,8 +202,8 @@ class Run:
         self.lr_scale = lr_multiplier(cfg.schedule, s.step, progress(cfg.train, s.step, s.tokens, s.time_s))
         n_micro = micro_steps(cfg.schedule, s.step, accum)  # < accum only during batch-size warmup
         loss, grad_norm, skipped = t.stepper.step(t.augment(t.loader.next_step(n_micro)), self.lr_scale, s.step + 1)
-        if t.device.type == "cuda" and (s.step + 1) % cfg.train.log_every == 0:
-            torch.cuda.synchronize(t.device)
+        if (s.step + 1) % cfg.train.log_every == 0:  # the log line's time is the device's
+            synchronize(t.device)
         dt = time.perf_counter() - t0
         step_tokens = cfg.tokens_per_step(self.world.world_size) // accum * n_micro
         s.step, s.tokens, s.time_s = s.step + 1, s.tokens + step_tokens, s.time_s + dt
