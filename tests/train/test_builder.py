@@ -85,7 +85,10 @@ def test_every_training_command_goes_through_the_builder():
 def test_start_banner_names_the_budgets_in_force(small_data, tmp_path, capsys):
     train(config(small_data, tmp_path / "r", "train.max_steps=2", "train.max_tokens=100000"))
     out = " ".join(capsys.readouterr().out.split())
-    assert "budget: stops at 2 steps (train.max_steps) or 100,000 tokens (train.max_tokens)" in out
+    assert "budget: stops at 2 steps (train.max_steps) or 100,000 tokens (train.max_tokens), whichever" in out
+    train(config(small_data, tmp_path / "s", "train.max_steps=2"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "budget: stops at 2 steps (train.max_steps) " in out and "max_time" not in out  # no default 300 s
 
 
 def test_a_new_optimizer_is_one_registry_entry(small_data, tmp_path, monkeypatch):

@@ -371,7 +371,7 @@ class Run:
 
 
 def budgets_text(t: TrainConfig) -> str:
-    """The budgets in force, first one reached stops the run: 'stops at 5,000 steps or 300 s of training'."""
+    """The budgets in force; the first one reached stops the run."""
     parts = []
     if t.max_steps is not None:
         parts.append(f"{t.max_steps:,} steps (train.max_steps)")
@@ -379,4 +379,4 @@ def budgets_text(t: TrainConfig) -> str:
         parts.append(f"{t.max_tokens:,} tokens (train.max_tokens)")
     if t.max_time is not None:
         parts.append(f"{t.max_time:g} s of training (train.max_time)")
-    return "stops at " + " or ".join(parts) + ", whichever comes first"
+    return "stops at " + " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
