@@ -99,6 +99,8 @@ class Run:
         self.guard = Guard(self.cfg.guard, self.state.guard)
         self.t = build(self.cfg, self.world, resume=resume, guard=self.guard, validation=True, report=self.say)
         self.cfg = cfg = self.t.cfg  # resolved: vocabulary, init_from's model, batch size
+        tokenizer = self.t.data.tokenizer  # bytes per token, for bits per byte
+        self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
         self._write_run_files()
         dropped = truncate_after(self.run_dir, self.state.step) if resume and self.world.is_main else 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.run.tensorboard)
@@ -257,8 +259,7 @@ class Run:
         """Validation loss on the fixed batches; then the fit watch, the best checkpoint, early stopping and
         the caller's hook (which may stop the run)."""
         s, t = self.state, self.t
-        token_bytes = torch.from_numpy(t.data.tokenizer.token_byte_lengths()) if t.data.tokenizer is not None else None
-        result = evaluate(t.model, t.val, t.precision, token_bytes, t.device, self.world)
+        result = evaluate(t.model, t.val, t.precision, self.token_bytes, t.device, self.world)
         self.metrics.write({"step": s.step, "tokens": s.tokens, "time_s": round(s.time_s, 3), **result})
         bpb = f", {result['val_bpb']:.3f} bits/byte" if result["val_bpb"] is not None else ""
         self.say(f"step {s.step}: val loss {result['val_loss']:.4f}{bpb}")
