@@ -202,7 +202,7 @@ def summary(record: dict[str, Any]) -> list[str]:
 
 
 def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, train, run, dist")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     parser.add_argument("--min-lr", type=float, default=1e-5, metavar="LR",
                         help="first learning rate of the sweep (default: 1e-5)")
