@@ -16,6 +16,7 @@ from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.train import checkpoint
+from gptforge.train.contents import model_for
 
 
 @dataclass
@@ -32,26 +33,20 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
     """The newest intact checkpoint of a run directory, or a checkpoint folder, ready for use: quantized
     layers rebuilt, LoRA adapters merged, sharded weights gathered. `report` hears of damaged checkpoints
     skipped on the way."""
-    ckpt = checkpoint.resolve(path, report=report)
+    ckpt = checkpoint.resolve(path, report=report)  # files, schema, shapes and values checked
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
-    model = GPT(cfg.model)
-    if "quantization" in state:
-        from gptforge.adapt.qlinear import build_quantized
-
-        build_quantized(model, state["quantization"])
-    if cfg.finetune.lora.rank:  # adapters are stored beside the base weights; fold them in for use
-        from gptforge.adapt.lora import apply_lora, merge_lora
-
-        apply_lora(model, cfg.finetune.lora)
-        checkpoint.load_weights(model, ckpt)
-        merge_lora(model)
-    elif checkpoint.is_sharded(ckpt):  # verified against its manifest by resolve() above
+    model = model_for(cfg, state)
+    if checkpoint.is_sharded(ckpt):
         from gptforge.parallel.distribute import load_sharded
 
         load_sharded(model, None, ckpt / "dcp")
     else:
         checkpoint.load_weights(model, ckpt)
+    if cfg.finetune.lora.rank:  # adapters are stored beside the base weights; fold them in for use
+        from gptforge.adapt.lora import merge_lora
+
+        merge_lora(model)
     model.to(device).eval()
     tok_file = ckpt / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None

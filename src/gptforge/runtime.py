@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gptforge.model.gpt import GPTConfig
 
 FP8_INSTALL = "pip install 'gptforge[fp8]'"
 
@@ -181,6 +186,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def memory_bytes(device: str | torch.device) -> int | None:
+    """The total memory of a device: a GPU's own, the machine's physical memory for the CPU (None where the
+    platform does not say)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(model: "GPTConfig", *, bytes_per_param: int, device: str | torch.device, what: str) -> None:
+    """Fail before allocating a model that cannot fit: its parameter count, from its config with nothing built
+    at size, times `bytes_per_param`, against the total memory of `device`. A lower bound of what the work
+    needs (activations come on top), so what passes may still not fit, and what fails never would."""
+    from gptforge.model.flops import estimated_params
+
+    params, limit = estimated_params(model), memory_bytes(device)
+    need = params * bytes_per_param
+    if limit is not None and need > limit:
+        raise ConfigError(
+            f"model.n_layer={model.n_layer}, model.n_embd={model.n_embd}, model.vocab_size={model.vocab_size}: "
+            f"{params:,} parameters, whose {what} alone ({bytes_per_param} bytes a parameter) need "
+            f"{need / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of {torch.device(device)}; "
+            "choose a smaller model"
+        )
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -27,6 +29,14 @@ def num_params(model_or_config: GPT | GPTConfig) -> dict[str, int]:
     total = model.num_params()
     non_embedding = model.num_params(exclude_embeddings=True)
     return {"total": total, "embedding": total - non_embedding, "non_embedding": non_embedding}
+
+
+def estimated_params(config: GPTConfig) -> int:
+    """The parameter count of a model of any depth without building it at that depth: the counts of its one-
+    and two-layer versions (on the meta device) extended layer by layer. Exact, since the blocks are alike;
+    fast even for a config of 100,000 layers, which is what it is for (to refuse what cannot fit)."""
+    one, two = (num_params(dataclasses.replace(config, n_layer=n))["total"] for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
 
 
 def flops_per_token(config: GPTConfig) -> float:

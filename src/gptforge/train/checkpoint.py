@@ -3,9 +3,9 @@
 Layout of RUN_DIR/checkpoints/step_<N>/:
     model.safetensors      model weights (tied weights stored once, under their first name), or instead
     dcp/                   with dist.checkpoint=sharded: every process's shard of model and optimizer, written
-                           by torch.distributed.checkpoint. Its dcp/.metadata is a pickle that torch reads:
-                           load sharded checkpoints only from trusted storage. gptforge checks every file,
-                           .metadata included, against the sha256 manifest before torch reads any of them.
+                           by torch.distributed.checkpoint. Its dcp/.metadata is a pickle: gptforge reads it
+                           with an unpickler that builds only torch's checkpoint-metadata classes (see
+                           parallel/distribute.py), after checking it against the manifest.
     optimizer.safetensors  optimizer tensors, keyed "state.<parameter name>.<state name>"
     state.json             step, counters, config, RNG states, loader position, optimizer hyper-parameters
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
@@ -15,9 +15,18 @@ RUN_DIR/best/ (eval.keep_best) has the same layout and holds the checkpoint of t
 far; it is replaced as a whole, never pruned, and never taken as a step checkpoint to resume from.
 
 A checkpoint is built in a hidden sibling folder, every file fsynced, then renamed into place: a crash leaves
-either the previous set of checkpoints or the new one, never a half-written `step_<N>`. On load every file is
-checked against the manifest before a byte of it is used; a checkpoint that fails is reported (file and
-check) and the next older intact one is taken. Nothing here unpickles anything.
+either the previous set of checkpoints or the new one, never a half-written `step_<N>`.
+
+Before a byte of a checkpoint is used, verify() checks it in two passes, and a checkpoint that fails either is
+reported (file, field and check) and the next older intact one is taken:
+1. the files: the folder is a real folder (not a link); the manifest lists plain names inside it; every
+   listed file is a regular file of the listed size and sha256; nothing else is in the folder. Whether a
+   checkpoint is sharded is read from its manifest (and state.json agrees), never from what lies in it.
+2. what they hold (train/contents.py): state.json against its schema, the step agreeing with the folder's
+   name, the config valid and of a size this machine can hold, every tensor named and shaped as the
+   config's model has it, and finite.
+The manifest proves that files are those the writer wrote, not who wrote them: it is not a signature.
+Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from torch import nn
 
 from gptforge.errors import CheckpointError
 from gptforge.fileio import fsync_dir, fsync_file, sha256_file
+from gptforge.train.contents import WEIGHTS_FORMAT, check_contents
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -88,6 +98,7 @@ def save_checkpoint(
         opt_tensors, meta = flatten_optimizer_state(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer": meta}
+    state = {**state, "layout": "full" if model is not None else "sharded"}
     _write_json(tmp / "state.json", state)
     for name, src in (files or {}).items():
         shutil.copyfile(src, tmp / name)
@@ -115,7 +126,6 @@ def save_checkpoint(
     return final
 
 
-WEIGHTS_FORMAT = "gptforge-weights"
 
 
 def save_weights(
@@ -154,6 +164,20 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for path in list_checkpoints(root)[keep:]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a rejected checkpoint to checkpoints/rejected/ (a name not taken there): out of what is resumed
+    and pruned, never deleted."""
+    target_dir = path.parent / "rejected"
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    n = 1
+    while target.exists():
+        target, n = target_dir / f"{path.name}.{n}", n + 1
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target
 
 
 def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -195,30 +219,104 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def verify(path: str | Path) -> list[str]:
-    """Problems with a checkpoint folder, each naming the file and the failed check; empty when intact."""
+    """Problems with a checkpoint folder, each naming the file (and field) and the failed check; empty when
+    intact. The files against the manifest first; then, only once those hold, what the files contain."""
     path = Path(path)
+    entries, problems = _manifest_entries(path)
+    if problems:
+        return problems
+    problems = _check_files(path, entries)
+    return problems or check_contents(path, layout_of(entries), step_of(path))
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _manifest_entries(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """The manifest's file entries, or the reasons it cannot be trusted to describe the folder."""
+    if path.is_symlink():
+        return {}, [f"{path}: a symbolic link to {os.readlink(path)}; checkpoints are read from real folders only"]
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return [f"{manifest_path}: missing (the checkpoint was never completed)"]
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        return {}, [f"{manifest_path}: missing (the checkpoint was never completed)"]
     try:
         manifest = json.loads(manifest_path.read_text())
-        entries = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return [f"{manifest_path}: unreadable manifest ({e})"]
+    except (ValueError, RecursionError, OSError) as e:
+        return {}, [f"{manifest_path}: unreadable manifest ({type(e).__name__}: {str(e)[:200]})"]
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        return {}, [f"{manifest_path}: expected an object with a \"files\" object, got {type(entries).__name__}"]
+    problems = []
+    for name, entry in entries.items():
+        where = f"{manifest_path}: files[{name!r}]"
+        if (reason := _bad_name(name)) is not None:
+            problems.append(f"{where}: {reason}")
+        elif not (isinstance(entry, dict) and _is_count(entry.get("bytes"))
+                  and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+            problems.append(f"{where}: expected {{\"bytes\": a count, \"sha256\": 64 hex digits}}, got {entry!r:.80}")
+    step = manifest.get("step")
+    if not problems and step_of(path) is not None and step != step_of(path):
+        problems.append(f"{manifest_path}: step {step!r} does not match the folder {path.name}")
+    if not problems and "state.json" not in entries:
+        problems.append(f"{path / 'state.json'}: not listed in the manifest")
+    if not problems and ("model.safetensors" in entries) == ("dcp/.metadata" in entries):
+        problems.append(f"{manifest_path}: expected exactly one of model.safetensors (full) or dcp/.metadata "
+                        "(sharded) among the files")
+    return entries, problems
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a manifest entry is not a plain file name inside the checkpoint (None: it is one): a name, or
+    dcp/NAME for the shards of a sharded checkpoint. No absolute paths, no parts that climb."""
+    parts = name.split("/")
+    if len(parts) == 2 and parts[0] == "dcp" and parts[1] not in ("", ".", "..") and _PLAIN.match(parts[1].lstrip(".")):
+        return None
+    if len(parts) == 1 and _PLAIN.match(name):
+        return None
+    return "not a plain file name inside the checkpoint (no folders but dcp/, no '..', no absolute paths)"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_files(path: Path, entries: dict[str, dict]) -> list[str]:
+    """Every listed file a regular file of its size and sha256; every file in the folder listed."""
     problems = []
     for name, entry in entries.items():
         file = path / name
-        if not file.is_file():
+        if file.is_symlink() or file.parent.is_symlink():
+            problems.append(f"{file}: a symbolic link; a checkpoint holds its own files only")
+        elif not file.exists():
             problems.append(f"{file}: missing")
+        elif not file.is_file():
+            problems.append(f"{file}: not a regular file")
         elif file.stat().st_size != entry["bytes"]:
             problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or changed)")
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 does not match the manifest (corrupted)")
-    if "state.json" not in entries:
-        problems.append(f"{path / 'state.json'}: not listed in the manifest")
-    if "model.safetensors" not in entries and "dcp/.metadata" not in entries:
-        problems.append(f"{path / 'model.safetensors'}: not listed in the manifest (nor a sharded dcp/ folder)")
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = Path(root) / name
+            rel = full.relative_to(path).as_posix()
+            shards = rel == "dcp" and full.is_dir() and not full.is_symlink() and layout_of(entries) == "sharded"
+            if rel in entries or rel == MANIFEST or shards:
+                continue
+            problems.append(f"{full}: not listed in the manifest (a checkpoint may hold only what its manifest "
+                            "lists; something else put it there)")
     return problems
+
+
+def layout_of(entries: dict[str, Any]) -> str:
+    """"sharded" for a manifest that lists dcp/.metadata, else "full"."""
+    return "sharded" if "dcp/.metadata" in entries else "full"
+
+
+def step_of(path: Path) -> int | None:
+    """The step in a folder's name (step_00000030 -> 30), or None for another name (best/)."""
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def find_latest(run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
@@ -288,7 +386,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def is_sharded(path: str | Path) -> bool:
-    return (Path(path) / "dcp").is_dir()
+    """Whether a verified checkpoint is sharded: as its manifest says, never by what lies in the folder."""
+    try:
+        entries = json.loads((Path(path) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / MANIFEST}: unreadable ({e})") from None
+    return layout_of(entries) == "sharded"
 
 
 def read_optimizer(path: str | Path, state: dict[str, Any]) -> dict:
