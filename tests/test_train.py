@@ -109,6 +109,32 @@ def test_corrupt_newest_checkpoint_resumes_from_older(small_data, tmp_path, caps
     assert result.resumed_from == 2
     out = capsys.readouterr().out
     assert "step_00000004 rejected" in out and "model.safetensors" in out
+    # The damaged one is kept aside for inspection, never deleted, never counted among the kept.
+    assert "moved to" in out and (tmp_path / "r" / "checkpoints" / "rejected" / "step_00000004").is_dir()
+    assert checkpoint.verify(tmp_path / "r" / "checkpoints" / "step_00000004") == []
+
+
+def _damage_all(run_dir):
+    for path in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        blob = bytearray((path / "model.safetensors").read_bytes())
+        blob[-1] ^= 0xFF
+        (path / "model.safetensors").write_bytes(bytes(blob))
+
+
+def test_all_checkpoints_damaged_never_starts_over_silently(small_data, tmp_path):
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=2")
+    _damage_all(tmp_path / "r")
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match="none is intact.*nothing was changed.*run.start_over=true"):
+        run(small_data, tmp_path / "r", "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+
+    result = run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=2",
+                 "run.start_over=true")
+    assert result.resumed_from is None and result.step == 4
+    kept = [p.name for p in checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")]
+    assert kept == ["step_00000004", "step_00000002"]  # the new ones, not pruned by the damaged ones
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints" / "rejected").iterdir()) == before
 
 
 def test_data_dir_errors_are_clear(tmp_path):
@@ -212,3 +238,26 @@ def test_lora_and_qat_together_are_refused():
 
     with pytest.raises(ConfigError, match="finetune.qat"):
         load_config(None, ["finetune.lora.rank=4", "finetune.qat=int8"])
+
+
+class _Payload:
+    marker = None
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_a_pickle_planted_in_a_checkpoint_never_runs_in_train_or_load(small_data, tmp_path, capsys):
+    import pickle
+
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2")
+    newest = checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")[0]
+    _Payload.marker = tmp_path / "pwned"
+    (newest / "dcp").mkdir()
+    (newest / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    gptforge.load(tmp_path / "r")  # load, sample and eval read runs this way
+    result = run(small_data, tmp_path / "r", "train.max_steps=6", "train.save_every=2")
+    assert result.resumed_from == 2 and not _Payload.marker.exists()
+    assert "dcp/.metadata: not listed in the manifest" in capsys.readouterr().out

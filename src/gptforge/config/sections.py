@@ -8,10 +8,13 @@ fields (positive, in range, a probability); rules that relate fields to each oth
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from gptforge.errors import ConfigError
 from gptforge.model import ARCHITECTURES
@@ -42,6 +45,39 @@ def choice_message(key: str, value: Any, choices: tuple[str, ...]) -> str:
 # Rules a section's check() uses; `section.KEY` is the key prefix the messages name.
 
 
+# While collecting() is active (validate() runs every check under it), a rule's problem is noted and the
+# checks go on, so that one run reports every mistake; elsewhere the first problem raises.
+_found: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[str]]:
+    """Note the problems the rules below find instead of raising at the first; yields the list."""
+    found: list[str] = []
+    token = _found.set(found)
+    try:
+        yield found
+    finally:
+        _found.reset(token)
+
+
+def problem(message: str) -> None:
+    """A rule is broken: noted while collecting(), raised otherwise."""
+    found = _found.get()
+    if found is None:
+        raise ConfigError(message)
+    found.append(message)
+
+
+_PROBLEM_KEY = re.compile(r"^(?:unknown config key ')?([A-Za-z_]\w*(?:\.\w+)+)")
+
+
+def problem_key(message: str) -> str | None:
+    """The dotted key a problem is about: the one its message starts with (every message here does)."""
+    m = _PROBLEM_KEY.match(message)
+    return m.group(1) if m else None
+
+
 def _key(section: Any, name: str) -> str:
     return f"{section.KEY}.{name}"
 
@@ -50,14 +86,14 @@ def positive(section: Any, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if value <= 0:
-            raise ConfigError(f"{_key(section, name)}: expected a positive number, got {value}")
+            problem(f"{_key(section, name)}: expected a positive number, got {value}")
 
 
 def non_negative(section: Any, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if value < 0:
-            raise ConfigError(f"{_key(section, name)}: expected >= 0, got {value}")
+            problem(f"{_key(section, name)}: expected >= 0, got {value}")
 
 
 def below_one(section: Any, *names: str, what: str = "a value") -> None:
@@ -65,7 +101,7 @@ def below_one(section: Any, *names: str, what: str = "a value") -> None:
     for name in names:
         value = getattr(section, name)
         if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{_key(section, name)}: expected {what} in [0, 1), got {value}")
+            problem(f"{_key(section, name)}: expected {what} in [0, 1), got {value}")
 
 
 def fraction(section: Any, *names: str) -> None:
@@ -73,7 +109,7 @@ def fraction(section: Any, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{_key(section, name)}: expected a fraction in [0, 1], got {value}")
+            problem(f"{_key(section, name)}: expected a fraction in [0, 1], got {value}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,6 +396,8 @@ class RunConfig:
 
     dir: str = "runs/gpt"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/. A run there with checkpoints is resumed."""
+    start_over: bool = False
+    """Start from step 0 in a run directory whose checkpoints are all damaged (without it, such a run refuses to start); they are moved to checkpoints/rejected/, not deleted."""
     seed: int = 1337
     """Seed of every random generator (Python, NumPy, torch, the data loader)."""
     deterministic: bool = False
@@ -369,9 +407,14 @@ class RunConfig:
     price_per_hour: float | None = None
     """Price of the machine per hour; with nvidia-ml-py on a GPU, energy and cost are reported at the end."""
 
+    # Seeds every generator takes: NumPy's are 32-bit.
+    SEEDS: ClassVar[range] = range(2**32)
+
     def check(self) -> None:
         if self.price_per_hour is not None:
             non_negative(self, "price_per_hour")
+        if self.seed not in self.SEEDS:
+            problem(f"run.seed: expected a whole number from 0 to {self.SEEDS.stop - 1}, got {self.seed}")
 
 
 @dataclass

@@ -93,7 +93,8 @@ class Run:
     def start(self) -> None:
         """Resume or start: build the step, write the run's files, restore the counters, evaluate step 0."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume = find_resume(self.run_dir, report=lambda msg: self.say(f"[yellow]{msg}[/]"))
+        resume = find_resume(self.run_dir, report=lambda msg: self.say(f"[yellow]{msg}[/]"),
+                             start_over=self.cfg.run.start_over, set_aside=self.world.is_main)
         self.state = resume.state if resume else TrainState()
         self.resumed_from = resume.state.step if resume else None
         self.guard = Guard(self.cfg.guard, self.state.guard)

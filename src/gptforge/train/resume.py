@@ -38,10 +38,33 @@ class Resume:
     raw: dict  # state.json as read (the optimizer layout among it)
 
 
-def find_resume(run_dir: Path, report: Callable[[str], None]) -> Resume | None:
-    """The newest intact checkpoint of `run_dir` as a Resume, or None for a new run. Rejected newer
-    checkpoints are reported; a weights-only folder (imported, quantized, pruned) is not a training run."""
-    path = checkpoint.find_latest(run_dir, report=report)
+def find_resume(run_dir: Path, report: Callable[[str], None], *, start_over: bool = False,
+                set_aside: bool = True) -> Resume | None:
+    """The newest intact checkpoint of `run_dir` as a Resume, or None for a new run.
+
+    Every newer checkpoint that fails verify() is reported and (where `set_aside`: the one writer of the run)
+    moved to checkpoints/rejected/, so it is never counted among the checkpoints kept and never deleted.
+    A run directory whose checkpoints all fail is not started over unless `start_over` (run.start_over) says
+    so: nothing is changed and the error says how. A weights-only folder (imported, quantized, pruned) is
+    not a training run."""
+    found = checkpoint.list_checkpoints(checkpoint.checkpoint_root(run_dir))
+    rejected, path = [], None
+    for candidate in found:
+        problems = checkpoint.verify(candidate)
+        if not problems:
+            path = candidate
+            break
+        report(f"checkpoint {candidate.name} rejected: " + "; ".join(problems))
+        rejected.append(candidate)
+    if path is None and rejected and not start_over:
+        raise CheckpointError(
+            f"{run_dir} holds {len(rejected)} checkpoint(s) and none is intact (each reason above); nothing was "
+            "changed. To start this run again from step 0, set run.start_over=true (the damaged checkpoints are "
+            f"moved to {checkpoint.checkpoint_root(run_dir) / 'rejected'}, not deleted), or choose another run.dir"
+        )
+    if set_aside:
+        for bad in rejected:
+            report(f"checkpoint {bad.name} moved to {checkpoint.set_aside(bad)} (kept for inspection, never resumed)")
     if path is None:
         return None
     raw = checkpoint.read_state(path)
