@@ -62,7 +62,7 @@ def test_every_preset_validates(name):
         (["modle.n_layer=3"], ["modle", "model"]),
         (["model.n_embd=100", "model.n_head=3"], ["model.n_embd", "model.n_head", "divisible"]),
         (["train.batch_tokens=1000"], ["train.batch_tokens", "4096"]),
-        (["optim.lr=fast"], ["optim.lr", "float"]),
+        (["optim.lr=fast"], ["optim.lr", "finite number"]),
         (["train.max_steps=2.5"], ["train.max_steps", "integer"]),
         (["model.mlp=relu"], ["model.mlp", "gelu", "relu2", "swiglu"]),
         (["model.preset=huge"], ["model.preset", "tiny", "gpt2-124m"]),
@@ -266,3 +266,79 @@ def test_depth_dial_budget_is_the_only_limit_unless_one_is_given():
     stepped = load_config(None, ["model.depth=4", "train.max_steps=10"]).train
     assert (stepped.max_steps, stepped.max_tokens, stepped.max_time) == (10, None, None)
     assert load_config(None, ["model.depth=4"]).optim.lr == round(3e-3 * (384 / 256) ** 0.5, 6)  # in optim now
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, all of it reported before any work, none of it a traceback
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=nan", ["optim.lr", "finite number", "nan"]),
+    ("optim.lr=1e999", ["optim.lr", "finite number"]),
+    ("train.max_time=nan", ["train.max_time", "finite number"]),
+    ("train.max_time=inf", ["train.max_time", "finite number"]),
+    ("run.seed=-1", ["run.seed", "from 0 to 4294967295", "-1"]),
+    ("run.seed=1e23", ["run.seed", "from 0 to 4294967295"]),
+])
+def test_values_no_run_can_use_are_refused(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_yaml_file_nested_thousands_deep_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        load_config(path)
+
+
+def test_a_yaml_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 15\)"):
+        load_config(path)
+
+
+def test_every_mistake_of_a_file_is_reported_at_once_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_steps: many\n  batch_size: 0\noptim:\n  lr: -1\n  beta1: 2\n"
+                    "model:\n  n_layr: 4\nschedule:\n  name: linear\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    problems = err.value.problems
+    assert len(problems) == 6, problems
+    expected = {2: "train.max_steps: expected an integer", 3: "train.batch_size: expected a positive",
+                5: "optim.lr: expected a positive", 6: "optim.beta1", 8: "unknown config key 'model.n_layr'",
+                10: "schedule.name: 'linear' is not one of"}
+    for line, words in expected.items():
+        assert any(p.startswith(f"{path}:{line}: {words}") for p in problems), (line, problems)
+    assert str(err.value).startswith("6 problems in the config:")
+
+
+def test_an_override_is_reported_as_the_override_not_as_the_file_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["optim.lr=-2", "optim.weight_decay=-1"])
+    assert sorted(err.value.problems) == ["optim.lr: expected a positive number, got -2.0",
+                                          "optim.weight_decay: expected >= 0, got -1.0"]
+
+
+def test_a_model_too_large_for_the_machine_fails_before_allocating():
+    from gptforge.runtime import check_fits
+
+    cfg = load_config(None, ["model.n_embd=1000000", "model.n_head=1000"])
+    with pytest.raises(ConfigError, match=r"parameters, whose .* need [\d,.]+ GiB, more than the [\d,.]+ GiB of cpu"):
+        check_fits(cfg.model, bytes_per_param=12, device="cpu", what="weights")
+    small = load_config(None, ["model.preset=tiny"])
+    check_fits(small.model, bytes_per_param=12, device="cpu", what="weights")
+
+
+def test_estimated_params_equals_the_built_model():
+    from gptforge.model.flops import estimated_params, num_params
+
+    for overrides in (["model.preset=tiny"], ["model.n_layer=5", "model.tie_embeddings=false"]):
+        model = load_config(None, overrides).model
+        assert estimated_params(model) == num_params(model)["total"]

@@ -6,7 +6,17 @@ class GptforgeError(Exception):
 
 
 class ConfigError(GptforgeError):
-    """A configuration key, type or value is wrong; the message names the key and the valid choices."""
+    """A configuration key, type or value is wrong; the message names the key and the valid choices.
+
+    One error may hold several problems (a file with three mistakes reports all three at once); `problems`
+    lists them, each naming its key."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            super().__init__(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class DataError(GptforgeError):

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Union
 import yaml
 
 from gptforge.config.rules import validate
-from gptforge.config.sections import PRESETS, Config, DataConfig, TrainConfig, choice_message, choices_of
+from gptforge.config.sections import (PRESETS, Config, DataConfig, TrainConfig, choice_message, choices_of,
+                                      problem_key)
 from gptforge.errors import ConfigError
 from gptforge.model.gpt import GPTConfig
 
@@ -114,12 +116,21 @@ def _merge(old: Any, current: Any) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides; presets first; then validation."""
-    tree: dict[str, Any] = migrate(_read_yaml(Path(path))) if path is not None else {}
+    """Defaults, then the YAML file, then `key=value` overrides; presets first; then validation. Every
+    problem is reported at once, those of keys in the file with their line."""
+    tree, lines = _read_yaml(Path(path)) if path is not None else ({}, {})
+    tree = migrate(tree)
     for item in overrides:
         key, value = _split_override(item)
-        _set_dotted(tree, canonical_key(key), value)
-    return from_dict(tree)
+        key = canonical_key(key)
+        _set_dotted(tree, key, value)
+        lines.pop(key, None)  # the value in effect is the override's, not the file's
+    try:
+        return from_dict(tree)
+    except ConfigError as e:
+        if not lines:
+            raise
+        raise ConfigError(*(_located(p, path, lines) for p in e.problems)) from None
 
 
 def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
@@ -127,8 +138,9 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
     tree = _default_budget(_apply_depth(_apply_preset(migrate(tree))))
-    cfg = _build(Config, tree, prefix="")
-    validate(cfg)
+    found: list[str] = []
+    cfg = _build(Config, tree, prefix="", found=found)
+    validate(cfg, found=found)
     return cfg
 
 
@@ -195,19 +207,50 @@ def _apply_depth(tree: dict[str, Any]) -> dict[str, Any]:
 # Reading
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The tree of a YAML config file, and the line of each dotted key in it (keys of earlier versions also
+    under their current name)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config (a config has sections of keys, two or "
+                          "three levels deep)") from None
     if tree is None:
-        return {}
+        return {}, {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, optim, ...), "
                           f"got {type(tree).__name__}")
-    return tree
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    lines.update({canonical_key(k): n for k, n in list(lines.items()) if canonical_key(k) not in lines})
+    return tree, lines
+
+
+def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                dotted = f"{prefix}{key.value}"
+                lines[dotted] = key.start_mark.line + 1
+                _key_lines(value, f"{dotted}.", lines)
+
+
+def _located(problem: str, path: str | Path, lines: dict[str, int]) -> str:
+    """`FILE:LINE: problem` for a problem about a key written in the file (the key a problem is about is
+    the dotted name it starts with)."""
+    key = problem_key(problem)
+    line = lines.get(key) if key else None
+    return f"{path}:{line}: {problem}" if line else problem
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -235,21 +278,25 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 # Building and coercion
 
 
-def _build(cls: type, tree: Any, prefix: str) -> Any:
-    """An instance of the section `cls` from its subtree, every value coerced to its field's type."""
+def _build(cls: type, tree: Any, prefix: str, found: list[str]) -> Any:
+    """An instance of the section `cls` from its subtree, every value coerced to its field's type. A key
+    that cannot be used joins `found` and keeps its default, so that every such key is reported at once."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
+        found.append(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r:.80}")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, raw in tree.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(_unknown_key_message(full, [f"{prefix}{n}" for n in fields]))
+            found.append(_unknown_key_message(full, [f"{prefix}{n}" for n in fields]))
+            continue
         kind = _hints(cls)[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, raw, prefix=f"{full}.")
-        else:
-            kwargs[key] = _coerce_field(full, raw, kind, fields[key])
+        try:
+            kwargs[key] = _build(kind, raw, f"{full}.", found) if dataclasses.is_dataclass(kind) else \
+                _coerce_field(full, raw, kind, fields[key])
+        except ConfigError as e:
+            found.extend(e.problems)
     return cls(**kwargs)
 
 
@@ -288,7 +335,8 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
     try:
         return _CONVERTERS[kind](raw, raw.strip() if isinstance(raw, str) else None)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {'an integer' if kind is int else kind.__name__}, got {raw!r}") from None
+        what = {int: "an integer", float: "a finite number"}.get(kind, kind.__name__)
+        raise ConfigError(f"{key}: expected {what}, got {raw!r:.80}") from None
 
 
 def _to_bool(raw: Any, text: str | None) -> bool:
@@ -314,9 +362,13 @@ def _to_int(raw: Any, text: str | None) -> int:
 
 
 def _to_float(raw: Any, text: str | None) -> float:
+    """A finite float: nan and inf are never what a rate, a budget or a weight means."""
     if isinstance(raw, bool):
         raise ValueError
-    return float(text.replace("_", "")) if text is not None else float(raw)
+    value = float(text.replace("_", "")) if text is not None else float(raw)
+    if not math.isfinite(value):
+        raise ValueError
+    return value
 
 
 def _to_str(raw: Any, text: str | None) -> str:

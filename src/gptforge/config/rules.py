@@ -10,18 +10,35 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gptforge.config.sections import Config, choice_message, choices_of
+from gptforge.config.sections import Config, choice_message, choices_of, collecting, problem_key
 from gptforge.errors import ConfigError
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
+def validate(cfg: Config, world_size: int = 1, found: list[str] | None = None) -> None:
     """Reject impossible values before any work starts: every field's choices, every section's own
-    check(), then the rules across fields."""
-    for f in dataclasses.fields(cfg):
-        check_choices(getattr(cfg, f.name), f"{f.name}.")
-    for section in cfg.sections():
-        section.check()
-    check_across(cfg, world_size)
+    check(), then the rules across fields. Every problem is reported at once, after those of `found`
+    (the problems of reading the config); the rules across fields only where the fields are sound."""
+    found = list(found or [])
+    unread = {problem_key(p) for p in found} - {None}  # keys that kept their default: not checked again
+    checked: list[str] = []
+    with collecting() as noted:
+        for f in dataclasses.fields(cfg):
+            _noting(checked, check_choices, getattr(cfg, f.name), f"{f.name}.")
+        for section in cfg.sections():
+            _noting(checked, section.check)
+    found += [p for p in checked + noted if not any(key in p for key in unread)]
+    if not found:
+        _noting(found, check_across, cfg, world_size)
+    if found:
+        raise ConfigError(*dict.fromkeys(found))
+
+
+def _noting(found: list[str], check, *args) -> None:
+    """Run one check; its problems, if it raises, join `found`."""
+    try:
+        check(*args)
+    except ConfigError as e:
+        found.extend(e.problems)
 
 
 def check_choices(section: Any, prefix: str) -> None:

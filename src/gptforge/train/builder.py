@@ -42,7 +42,7 @@ from gptforge.model import build_model
 from gptforge.observe import console
 from gptforge.parallel.distribute import CommStats, distribute
 from gptforge.parallel.world import World
-from gptforge.runtime import Precision, check_fp8, resolve_precision, training_device
+from gptforge.runtime import Precision, check_fits, check_fp8, resolve_precision, training_device
 from gptforge.train import rng
 from gptforge.train.batch_finder import resolve_batch_size
 from gptforge.train.guard import Guard
@@ -84,6 +84,8 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     report = report or console.printer(world.is_main)
     validate(cfg, world.world_size)
     device = training_device(cfg.train.device, world)
+    check_fits(cfg.model, bytes_per_param=12, device=device,
+               what="fp32 weights, gradients and one optimizer moment")  # before any work at that size
     if cfg.speed.fp8:  # before any data work
         check_fp8(device)
     if cfg.run.deterministic:
