@@ -211,3 +211,42 @@ def test_import_refuses_configs_that_do_not_map(tmp_path, key, value):
                                                     key: value}))
     with pytest.raises(GptforgeError, match=rf"config.json: {key}="):
         import_hf(hf_dir, tmp_path / "run")
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("n_embd", "abc", "n_embd: expected a positive integer, got \"abc\""),
+    ("n_embd", 0, "n_embd: expected a positive integer, got 0"),
+    ("vocab_size", -1, "vocab_size: expected a positive integer, got -1"),
+    ("n_layer", True, "n_layer: expected a positive integer, got true"),
+    ("n_inner", 2.5, "n_inner: expected a positive integer"),
+    ("layer_norm_epsilon", "x", "layer_norm_epsilon: expected a positive number"),
+    ("n_layer", 100000, "parameters, whose fp32 weights alone"),
+])
+def test_import_refuses_values_that_are_not_sizes(tmp_path, key, value, words):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    config = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, key: value}
+    if key == "n_layer" and value == 100000:
+        config.update(n_embd=1024, n_head=16)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GptforgeError) as err:
+        import_hf(hf_dir, tmp_path / "run")
+    assert "config.json" in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda t: t["h.0.mlp.c_fc.weight"].fill_(float("nan")), "h.0.mlp.c_fc.weight holds NaN"),
+    (lambda t: t.update({"h.0.mlp.c_fc.weight": t["h.0.mlp.c_fc.weight"].to(torch.int8)}),
+     "h.0.mlp.c_fc.weight is torch.int8, not floating point"),
+])
+def test_import_refuses_weights_that_are_not_plain_numbers(transformers, tmp_path, damage, words):
+    hf_dir = tmp_path / "hf"
+    _hf_folder(transformers, hf_dir, None)
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("h.0.mlp.c_fc.weight"))
+    tensors["h.0.mlp.c_fc.weight"] = tensors.pop(key)
+    damage(tensors)
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GptforgeError, match=words.replace(".", r"\.")):
+        import_hf(hf_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from gptforge.config import Config, from_dict, load_config
 from gptforge.data.tokenizer import EOT, Tokenizer
-from gptforge.errors import GptforgeError
+from gptforge.errors import ConfigError, GptforgeError
 from gptforge.model import build_model
 from gptforge.model.gpt import GPT, make_norm
+from gptforge.runtime import check_fits
 from gptforge.train.checkpoint import save_weights
 
 # GPT2Config's defaults, for keys a config.json leaves out (transformers fills them in the same way).
@@ -113,13 +114,23 @@ def _config_from_hf(hf_dir: Path, out: Path) -> Config:
     for key, (bad, why) in refused.items():
         if hf[key] == bad:
             raise GptforgeError(f"{where}: {key}={json.dumps(bad)} cannot be imported: {why}")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", *(["n_inner"] if hf["n_inner"] else [])):
+        if not (isinstance(hf[key], int) and not isinstance(hf[key], bool) and hf[key] > 0):
+            raise GptforgeError(f"{where}: {key}: expected a positive integer, got {json.dumps(hf[key])[:60]}")
+    if not (isinstance(hf["layer_norm_epsilon"], (int, float)) and hf["layer_norm_epsilon"] > 0):
+        raise GptforgeError(f"{where}: layer_norm_epsilon: expected a positive number, "
+                            f"got {json.dumps(hf['layer_norm_epsilon'])[:60]}")
     n_embd = hf["n_embd"]
     n_inner = hf["n_inner"] or 4 * n_embd
     model = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                  n_head=hf["n_head"], n_embd=n_embd, mlp_ratio=n_inner / n_embd, pos="learned",
                  norm="layernorm", mlp="gelu", bias=True, tie_embeddings=bool(hf["tie_word_embeddings"]),
                  qk_norm=False, zero_init_proj=False)
-    cfg = from_dict({"model": model, "run": {"dir": str(out)}}, source=str(where))
+    try:
+        cfg = from_dict({"model": model, "run": {"dir": str(out)}}, source=str(where))
+        check_fits(cfg.model, bytes_per_param=4, device="cpu", what="fp32 weights")
+    except ConfigError as e:
+        raise GptforgeError(f"{where}: {e}") from None
     if cfg.model.mlp_hidden != n_inner:
         raise GptforgeError(f"{where}: n_inner={n_inner} is not expressible as model.mlp_ratio x n_embd={n_embd}")
     eps = make_norm(cfg.model, 1).eps
@@ -182,6 +193,11 @@ def _gptforge_state(tensors: dict[str, torch.Tensor], model: GPT, hf_dir: Path) 
     own = model.state_dict()
     state = {}
     for name in expected:
+        if not renamed[name].is_floating_point():
+            raise GptforgeError(f"{hf_dir}: {name} is {renamed[name].dtype}, not floating point; gptforge imports "
+                                "unquantized weights (fp32, fp16 or bf16)")
+        if not torch.isfinite(renamed[name]).all():
+            raise GptforgeError(f"{hf_dir}: {name} holds NaN or infinite values")
         t = renamed[name].float()
         t = t.t() if _is_conv1d(name) else t
         want = own[name].shape
