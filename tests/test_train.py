@@ -261,3 +261,33 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs_in_train_or_load(small_data
     result = run(small_data, tmp_path / "r", "train.max_steps=6", "train.save_every=2")
     assert result.resumed_from == 2 and not _Payload.marker.exists()
     assert "dcp/.metadata: not listed in the manifest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [["model.n_embd=1000000", "model.n_head=1000"], ["model.n_layer=100000"]])
+def test_a_model_that_cannot_fit_is_refused_before_any_work(small_data, tmp_path, shape):
+    from gptforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parameters, whose fp32 weights, gradients and one optimizer moment"):
+        run(small_data, tmp_path / "r", "train.max_steps=1", *shape)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_checkpoint_that_passes_its_checks_but_will_not_load_is_passed_over(small_data, tmp_path, monkeypatch):
+    """Whatever still fails at load time (a torch reader refusing a file, say) costs that checkpoint only."""
+    run(small_data, tmp_path / "r", "train.max_steps=4", "train.save_every=2")
+    real = checkpoint.load_weights
+
+    def load_weights(model, path):
+        if path.name == "step_00000004":
+            raise CheckpointError(f"{path}/model.safetensors: cannot be loaded into this model (simulated)")
+        real(model, path)
+
+    monkeypatch.setattr(checkpoint, "load_weights", load_weights)
+    reports = []
+    from gptforge.runs import load_run
+
+    assert load_run(tmp_path / "r", report=reports.append).checkpoint.name == "step_00000002"
+    assert "step_00000004 rejected" in reports[0] and "simulated" in reports[0]
+    result = run(small_data, tmp_path / "r", "train.max_steps=6", "train.save_every=2")
+    assert result.resumed_from == 2 and result.step == 6
+    assert (tmp_path / "r" / "checkpoints" / "rejected" / "step_00000004").is_dir()

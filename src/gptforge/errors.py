@@ -25,3 +25,11 @@ class DataError(GptforgeError):
 
 class CheckpointError(GptforgeError):
     """A checkpoint is missing, incomplete or fails its sha256 check."""
+
+
+class UnloadableCheckpoint(CheckpointError):
+    """A checkpoint that passed every check and still could not be loaded: passed over like a damaged one."""
+
+    def __init__(self, path, reason: str):
+        self.path = path
+        super().__init__(f"checkpoint {path.name} could not be loaded: {reason}")

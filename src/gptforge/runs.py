@@ -13,7 +13,7 @@ import torch
 
 from gptforge.config import Config, from_dict
 from gptforge.data.tokenizer import Tokenizer
-from gptforge.errors import GptforgeError
+from gptforge.errors import CheckpointError, GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.train import checkpoint
 from gptforge.train.contents import model_for
@@ -31,9 +31,20 @@ class LoadedRun:
 def load_run(path: str | Path, device: str | torch.device = "cpu",
              report: Callable[[str], None] = print) -> LoadedRun:
     """The newest intact checkpoint of a run directory, or a checkpoint folder, ready for use: quantized
-    layers rebuilt, LoRA adapters merged, sharded weights gathered. `report` hears of damaged checkpoints
-    skipped on the way."""
-    ckpt = checkpoint.resolve(path, report=report)  # files, schema, shapes and values checked
+    layers rebuilt, LoRA adapters merged, sharded weights gathered. Every checkpoint is verified first
+    (files, schema, shapes, values); one of a run that passes and still will not load is skipped like a
+    damaged one. `report` hears of the checkpoints skipped on the way."""
+    for ckpt in checkpoint.candidates(path, report=report):
+        try:
+            return _load(ckpt, device)
+        except CheckpointError as e:
+            if checkpoint.is_checkpoint_folder(path):
+                raise
+            report(f"checkpoint {ckpt.name} rejected: {e}")
+    raise CheckpointError(f"{path}: no checkpoint under {checkpoint.checkpoint_root(path)} could be loaded")
+
+
+def _load(ckpt: Path, device: str | torch.device) -> LoadedRun:
     state = checkpoint.read_state(ckpt)
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
     model = model_for(cfg, state)

@@ -324,3 +324,20 @@ def test_unlisted_files_are_reported(tmp_path):
     newest, _, _ = _save(tmp_path, 2)
     (newest / "notes.txt").write_text("hello")
     _falls_back(tmp_path, "notes.txt", "not listed in the manifest")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t.update({"state.transformer.h.0.mlp.c_fc.weight.exp_avg": torch.zeros(2, 2)}), ["has shape [2, 2]"]),
+    (lambda t: t.update({"state.no.such.param.exp_avg": torch.zeros(1)}), ["not the state of a parameter"]),
+    (lambda t: t["state.transformer.h.0.mlp.c_fc.weight.exp_avg"].fill_(float("inf")), ["NaN or infinite"]),
+])
+def test_optimizer_state_is_checked_after_its_hash(tmp_path, change, words):
+    from safetensors.torch import load_file, save_file
+
+    _save(tmp_path, 1)
+    newest, _, _ = _save(tmp_path, 2)
+    tensors = load_file(str(newest / "optimizer.safetensors"))
+    change(tensors)
+    save_file(tensors, str(newest / "optimizer.safetensors"))
+    _reseal(newest)
+    _falls_back(tmp_path, "optimizer.safetensors", *words)

@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -319,30 +319,51 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def find_latest(run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
-    """The newest intact checkpoint of a run (or None); every rejected newer one is reported."""
+def intact(run_dir: str | Path, report: Callable[[str], None] = print) -> Iterator[Path]:
+    """A run's intact checkpoints, newest first, each verified as it is reached; every rejected one is
+    reported. Lazy: a caller that takes the first checks no older ones."""
     for path in list_checkpoints(checkpoint_root(run_dir)):
         problems = verify(path)
         if not problems:
-            return path
-        report(f"checkpoint {path.name} rejected: " + "; ".join(problems))
-    return None
+            yield path
+        else:
+            report(f"checkpoint {path.name} rejected: " + "; ".join(problems))
+
+
+def find_latest(run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint of a run (or None); every rejected newer one is reported."""
+    return next(intact(run_dir, report), None)
+
+
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """Whether `path` names one checkpoint (step_<N>/, best/, a weights-only one) rather than a run."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or bool(_STEP_DIR.match(path.name))
+
+
+def candidates(path: str | Path, report: Callable[[str], None] = print) -> Iterator[Path]:
+    """What a command given `path` may load, in order: that checkpoint folder (verified; an error if it
+    fails), or a run directory's intact checkpoints, newest first. An error when there is none."""
+    path = Path(path)
+    if is_checkpoint_folder(path):
+        problems = verify(path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} failed its checks: " + "; ".join(problems))
+        yield path
+        return
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    found = False
+    for ckpt in intact(path, report):
+        found = True
+        yield ckpt
+    if not found:
+        raise CheckpointError(f"{path}: no intact checkpoint under {checkpoint_root(path)}")
 
 
 def resolve(path: str | Path, report: Callable[[str], None] = print) -> Path:
     """A checkpoint folder from a run directory (its newest intact checkpoint) or a checkpoint folder."""
-    path = Path(path)
-    if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
-        problems = verify(path)
-        if problems:
-            raise CheckpointError(f"checkpoint {path} failed its checks: " + "; ".join(problems))
-        return path
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run directory or checkpoint")
-    latest = find_latest(path, report=report)
-    if latest is None:
-        raise CheckpointError(f"{path}: no intact checkpoint under {checkpoint_root(path)}")
-    return latest
+    return next(candidates(path, report))
 
 
 def read_state(path: str | Path) -> dict[str, Any]:

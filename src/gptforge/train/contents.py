@@ -259,15 +259,24 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def _optimizer_problems(file: Path, model: nn.Module, state: dict[str, Any]) -> list[str]:
-    params = {name for name, p in model.named_parameters() if p.requires_grad} | set(_tied_aliases(model))
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        return [f"{file}: not a readable safetensors file ({str(e)[:200]})"]
-    unknown = sorted({k[len("state."):].rsplit(".", 1)[0] for k in keys} - params)
-    if any(not k.startswith("state.") or "." not in k[len("state."):] for k in keys) or unknown:
-        return [f"{file}: state of parameters this config's model lacks: {', '.join(unknown[:5]) or keys[:5]}"]
+    """optimizer.safetensors: `state.<parameter>.<name>` of the model's trainable parameters only, each a
+    step count (a scalar) or a moment of its parameter's shape, and finite."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    shapes.update({alias: shapes[first] for alias, first in _tied_aliases(model).items() if first in shapes})
     if "optimizer" not in state:
         return [f"{file.parent / 'state.json'}: optimizer: missing (optimizer.safetensors needs its layout)"]
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                param = key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
+                if param not in shapes:
+                    return [f"{file}: {key!r} is not the state of a parameter of this config's model"]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape not in ((), (1,), shapes[param]):
+                    return [f"{file}: {key!r} has shape {list(shape)}, its parameter {list(shapes[param])}"]
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return [f"{file}: {key!r} holds NaN or infinite values"]
+    except (SafetensorError, OSError, ValueError) as e:
+        return [f"{file}: not a readable safetensors file ({str(e)[:200]})"]
     return []

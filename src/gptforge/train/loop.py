@@ -22,7 +22,7 @@ import torch
 
 from gptforge import __version__
 from gptforge.config import Config, TrainConfig, save_config, validate
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, UnloadableCheckpoint
 from gptforge.evaluate.generate import sample_texts
 from gptforge.evaluate.loss import evaluate
 from gptforge.fileio import atomic_write_text
@@ -40,7 +40,7 @@ from gptforge.train import checkpoint, rng
 from gptforge.train.builder import Trainee, apply_adapters, build
 from gptforge.train.fitwatch import EarlyStop, fit_watch
 from gptforge.train.guard import Guard
-from gptforge.train.resume import find_resume, restore
+from gptforge.train.resume import Resume, find_resume, restore
 from gptforge.train.schedule import lr_multiplier, micro_steps, progress
 from gptforge.train.state import TrainState
 
@@ -93,12 +93,7 @@ class Run:
     def start(self) -> None:
         """Resume or start: build the step, write the run's files, restore the counters, evaluate step 0."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume = find_resume(self.run_dir, report=lambda msg: self.say(f"[yellow]{msg}[/]"),
-                             start_over=self.cfg.run.start_over, set_aside=self.world.is_main)
-        self.state = resume.state if resume else TrainState()
-        self.resumed_from = resume.state.step if resume else None
-        self.guard = Guard(self.cfg.guard, self.state.guard)
-        self.t = build(self.cfg, self.world, resume=resume, guard=self.guard, validation=True, report=self.say)
+        resume = self._build()
         self.cfg = cfg = self.t.cfg  # resolved: vocabulary, init_from's model, batch size
         tokenizer = self.t.data.tokenizer  # bytes per token, for bits per byte
         self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
@@ -126,6 +121,24 @@ class Run:
             rng.restore(self.state.rng[str(self.world.rank)])
         else:  # a new run, or a process that did not exist when the checkpoint was written
             rng.seed_everything(cfg.run.seed + self.world.rank + self.state.step)
+
+    def _build(self) -> Resume | None:
+        """Find the checkpoint to resume (None: a new run) and build the step on it. A checkpoint that passed
+        its checks and still does not load is passed over like a damaged one, and the next older one tried."""
+        unloadable: tuple[Path, ...] = ()
+        while True:
+            resume = find_resume(self.run_dir, report=lambda msg: self.say(f"[yellow]{msg}[/]"),
+                                 start_over=self.cfg.run.start_over, set_aside=self.world.is_main, skip=unloadable)
+            self.state = resume.state if resume else TrainState()
+            self.resumed_from = resume.state.step if resume else None
+            self.guard = Guard(self.cfg.guard, self.state.guard)
+            try:
+                self.t = build(self.cfg, self.world, resume=resume, guard=self.guard, validation=True,
+                               report=self.say)
+                return resume
+            except UnloadableCheckpoint as e:
+                self.say(f"[yellow]{e}[/]")
+                unloadable += (e.path,)
 
     def loop(self) -> None:
         """Step until a budget is met or early stopping fires; log, evaluate and save at step boundaries."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from gptforge.config import Config, migrate
 from gptforge.data.datadir import DataDir
-from gptforge.errors import CheckpointError
+from gptforge.errors import CheckpointError, GptforgeError, UnloadableCheckpoint
 from gptforge.parallel.distribute import (
     is_sharded_model,
     load_full_model_state,
@@ -39,18 +39,19 @@ class Resume:
 
 
 def find_resume(run_dir: Path, report: Callable[[str], None], *, start_over: bool = False,
-                set_aside: bool = True) -> Resume | None:
+                set_aside: bool = True, skip: tuple[Path, ...] = ()) -> Resume | None:
     """The newest intact checkpoint of `run_dir` as a Resume, or None for a new run.
 
     Every newer checkpoint that fails verify() is reported and (where `set_aside`: the one writer of the run)
     moved to checkpoints/rejected/, so it is never counted among the checkpoints kept and never deleted.
     A run directory whose checkpoints all fail is not started over unless `start_over` (run.start_over) says
     so: nothing is changed and the error says how. A weights-only folder (imported, quantized, pruned) is
-    not a training run."""
+    not a training run. `skip`: checkpoints found not to load, rejected like damaged ones."""
     found = checkpoint.list_checkpoints(checkpoint.checkpoint_root(run_dir))
     rejected, path = [], None
     for candidate in found:
-        problems = checkpoint.verify(candidate)
+        problems = ["it passed its checks but could not be loaded (above)"] if candidate in skip else \
+            checkpoint.verify(candidate)
         if not problems:
             path = candidate
             break
@@ -99,14 +100,18 @@ def check_same_run(saved: TrainState, cfg: Config, data: DataDir, run_dir: Path)
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, world: World,
             raw: dict | None = None) -> None:
     """Weights and optimizer state of the checkpoint at `path` into the model as it trains (plain, DDP's
-    module or sharded) and its optimizer. `raw`: its state.json, when already read."""
-    if checkpoint.is_sharded(path):
-        load_sharded(model, optimizer, path / "dcp")
-        return
-    if is_sharded_model(model):
-        load_full_model_state(model, checkpoint.read_weights(path))
-    else:
-        checkpoint.load_weights(model, path)
-    raw = raw if raw is not None else checkpoint.read_state(path)
-    if "optimizer" in raw:
-        load_optimizer_state(model, optimizer, checkpoint.read_optimizer(path, raw), world)
+    module or sharded) and its optimizer. `raw`: its state.json, when already read. Raises
+    UnloadableCheckpoint when the checkpoint, verified as it was, still does not load."""
+    try:
+        if checkpoint.is_sharded(path):
+            load_sharded(model, optimizer, path / "dcp")
+            return
+        if is_sharded_model(model):
+            load_full_model_state(model, checkpoint.read_weights(path))
+        else:
+            checkpoint.load_weights(model, path)
+        raw = raw if raw is not None else checkpoint.read_state(path)
+        if "optimizer" in raw:
+            load_optimizer_state(model, optimizer, checkpoint.read_optimizer(path, raw), world)
+    except (GptforgeError, RuntimeError, KeyError, ValueError) as e:
+        raise UnloadableCheckpoint(path, str(e)[:300]) from None
