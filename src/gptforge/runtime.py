@@ -200,18 +200,21 @@ def memory_bytes(device: str | torch.device) -> int | None:
         return None
 
 
-def check_fits(model: "GPTConfig", *, bytes_per_param: int, device: str | torch.device, what: str) -> None:
+def check_fits(model: "GPTConfig", *, bytes_per_param: int, device: str | torch.device, what: str,
+               shards: int = 1) -> None:
     """Fail before allocating a model that cannot fit: its parameter count, from its config with nothing built
-    at size, times `bytes_per_param`, against the total memory of `device`. A lower bound of what the work
-    needs (activations come on top), so what passes may still not fit, and what fails never would."""
+    at size, times `bytes_per_param`, over `shards` processes that each hold a part (FSDP), against the total
+    memory of `device`. A lower bound of what the work needs (activations come on top), so what passes may
+    still not fit, and what fails never would."""
     from gptforge.model.flops import estimated_params
 
     params, limit = estimated_params(model), memory_bytes(device)
-    need = params * bytes_per_param
+    need = params * bytes_per_param // shards
     if limit is not None and need > limit:
         raise ConfigError(
             f"model.n_layer={model.n_layer}, model.n_embd={model.n_embd}, model.vocab_size={model.vocab_size}: "
-            f"{params:,} parameters, whose {what} alone ({bytes_per_param} bytes a parameter) need "
+            f"{params:,} parameters, whose {what} alone ({bytes_per_param} bytes a parameter"
+            f"{f', over {shards} shards' if shards > 1 else ''}) need "
             f"{need / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB of {torch.device(device)}; "
             "choose a smaller model"
         )

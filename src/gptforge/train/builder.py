@@ -84,7 +84,8 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     report = report or console.printer(world.is_main)
     validate(cfg, world.world_size)
     device = training_device(cfg.train.device, world)
-    check_fits(cfg.model, bytes_per_param=12, device=device,
+    shards = world.world_size if cfg.dist.strategy in ("fsdp2", "hsdp") else 1
+    check_fits(cfg.model, bytes_per_param=12, device=device, shards=shards,
                what="fp32 weights, gradients and one optimizer moment")  # before any work at that size
     if cfg.speed.fp8:  # before any data work
         check_fp8(device)
