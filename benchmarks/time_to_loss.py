@@ -81,6 +81,12 @@ def write_peer_data(nanogpt: Path, data) -> Path:
     return out
 
 
+def warmup_iters(iters: int, recipe: Recipe) -> int:
+    """The recipe's share of warmup, at least one iteration and fewer than `iters` (nanoGPT's cosine divides
+    by the iterations after the warmup)."""
+    return max(1, min(iters - 1, round(iters * recipe.warmup_fraction)))
+
+
 def run_nanogpt(nanogpt: Path, out_dir: Path, iters: int, eval_interval: int, shape: dict = SHAPE,
                 batch: int = BATCH, device: str = "cpu", compile: bool = False, recipe: Recipe = RECIPES["small"],
                 eval_tokens: int = EVAL_TOKENS) -> str:
@@ -91,7 +97,7 @@ def run_nanogpt(nanogpt: Path, out_dir: Path, iters: int, eval_interval: int, sh
         f"--compile={compile}", f"--dtype={dtype}", *(f"--{k}={v}" for k, v in shape.items()), f"--batch_size={batch}",
         "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=False", f"--learning_rate={recipe.learning_rate}",
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--min_lr={recipe.min_lr}", f"--beta2={recipe.beta2}",
-        f"--warmup_iters={max(1, round(iters * recipe.warmup_fraction))}", "--weight_decay=0.1", "--grad_clip=1.0",
+        f"--warmup_iters={warmup_iters(iters, recipe)}", "--weight_decay=0.1", "--grad_clip=1.0",
         f"--eval_interval={eval_interval}", f"--eval_iters={max(1, eval_tokens // (batch * shape['block_size']))}",
         "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False",
     ]
@@ -177,7 +183,7 @@ def compare(nanogpt: Path, data, seconds: float, overrides: list[str], shape: di
     with tempfile.TemporaryDirectory() as tmp:
         if iter_s is None:
             iter_s = statistics.median(nanogpt_curve(run_nanogpt(nanogpt, Path(tmp) / "calib", 12, 1000, **peer))[1][3:])
-        iters = max(1, int(seconds / iter_s))
+        iters = max(2, int(seconds / iter_s))  # one to warm up, at least one to decay
         print(f"nanoGPT: {iter_s * 1000:.0f} ms per iteration -> {iters} iterations in {seconds:.0f} s", flush=True)
         every = max(1, iters // 12)
         peer_curve, peer_times = nanogpt_curve(run_nanogpt(nanogpt, Path(tmp) / "nanogpt", iters, every, **peer))

@@ -45,6 +45,15 @@ def test_the_default_gpu_run_fits_its_window():
     assert gpu.ttl_seconds == 120 and gpu.limits["time_to_loss"] >= 2 * gpu.ttl_seconds + gpu.ttl_reserve_s
 
 
+def test_nanogpts_warmup_keeps_its_share_and_leaves_an_iteration_to_decay():
+    """nanoGPT's cosine divides by the iterations after its warmup: a short run must keep at least one."""
+    import time_to_loss as ttl
+
+    gpt2, small = ttl.RECIPES["gpt2-124m"], ttl.RECIPES["small"]
+    assert ttl.warmup_iters(600000, gpt2) == 2000 and ttl.warmup_iters(5000, small) == 100
+    assert ttl.warmup_iters(2, gpt2) == 1 and ttl.warmup_iters(2, small) == 1
+
+
 @pytest.mark.slow
 def test_a_part_stopped_at_its_limit_and_a_failing_part_are_recorded_and_the_run_goes_on(tmp_path, capsys):
     empty = tmp_path / "not-data"
@@ -77,7 +86,7 @@ def test_the_dry_run_runs_every_part_on_the_cpu(small_data, tmp_path):
     skipped = {(part, sub) for part, r in got.items() for sub, s in r["subparts"].items() if s["status"] == "skipped"}
     assert {("bench", "nanogpt"), ("batch_size", "nanogpt"), ("time_to_loss", "nanogpt")} <= skipped
     assert skipped <= {("bench", "nanogpt"), ("batch_size", "nanogpt"), ("time_to_loss", "nanogpt"),
-                       ("distributed", "energy")}
+                       ("bench", "gptforge_cuda_graphs"), ("distributed", "energy")}  # the last two: no GPU
     for part in ("bench", "batch_size", "time_to_loss"):
         reason = got[part]["subparts"]["nanogpt"]["reason"]
         assert "nanoGPT not found at" in reason and "git clone https://github.com/karpathy/nanoGPT" in reason
