@@ -49,9 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-try:  # runnable from a checkout without installing gptforge
-    import gptforge  # noqa: F401
-except ImportError:
+if (ROOT / "src" / "gptforge").is_dir():  # this checkout's gptforge, installed or not, is the one proven
     sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts, reused below
 
@@ -59,8 +57,17 @@ DEFAULT_NANOGPT = ROOT / ".peers" / "nanoGPT"
 DEFAULT_DATA = ROOT / ".peers" / "gpt2-vocab"
 PLACE_NANOGPT = ("place a checkout of karpathy/nanoGPT there (git clone https://github.com/karpathy/nanoGPT "
                  ".peers/nanoGPT; .peers/ is ignored by git) or pass --nanogpt PATH")
-GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
-TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
+
+
+def preset_shape(name: str) -> dict[str, int]:
+    """A model preset's shape, as both gptforge and nanoGPT take it."""
+    from gptforge.config.sections import PRESETS
+
+    return {key: PRESETS[name][key] for key in ("n_layer", "n_head", "n_embd", "block_size")}
+
+
+GPT2_124M = preset_shape("gpt2-124m")
+TINY = preset_shape("tiny")
 # gptforge's fastest switches on a GPU; fused_kernels is a no-op for GPT-2's LayerNorm and learned positions
 # and still costs nothing to ask for
 FASTEST = ["speed.precision=bf16", "speed.compile=true", "speed.fused_kernels=true", "speed.fused_ce=true",
@@ -142,11 +149,15 @@ class Context:
 
     @property
     def device(self):
+        """The setting's device, with its index on a GPU (torch.cuda.set_device wants one)."""
         import torch
 
         from gptforge.runtime import pick_device
 
-        return pick_device(self.setting.device) if self.setting.device == "cuda" else torch.device("cpu")
+        if self.setting.device != "cuda":
+            return torch.device("cpu")
+        pick_device("cuda")  # a clear error where no GPU is visible
+        return torch.device("cuda", torch.cuda.current_device())
 
     @property
     def nanogpt(self) -> Path:
@@ -254,7 +265,10 @@ def part_environment(ctx: Context) -> None:
             except md.PackageNotFoundError:
                 return None
 
-        return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
+        import gptforge
+
+        return {"gptforge_source": shown(Path(gptforge.__file__).parent),
+                "torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
                 "torchao": torchao_float8() or "not installed (the fp8 rung is skipped)",
                 "nvidia-ml-py": version("nvidia-ml-py"), "python": sys.version.split()[0],
                 "driver": driver_version(), "gpus": probe_cuda()["devices"], "distributed": probe_distributed(),
@@ -966,6 +980,7 @@ def parse_limits(items: list[str]) -> dict[str, float]:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a part's process (and of what it starts): this checkout's src/ first."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     src = str(ROOT / "src")
     if src not in env.get("PYTHONPATH", "").split(os.pathsep):
