@@ -344,16 +344,27 @@ def part_gpu_tests(ctx: Context) -> None:
             junit = Path(tmp) / "junit.xml"
             flags = ["-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
             cmd = [sys.executable, "-m", "pytest", *flags, f"--junitxml={junit}", *files]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=child_env())
-            print(proc.stdout[-3000:], flush=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=child_env())
+            # Interrupted before the part's limit, pytest still writes its report of the tests that ran
+            budget = max(5.0, ctx.options["limit_s"] - 15)
+            try:
+                output, _ = proc.communicate(timeout=budget)
+                interrupted = False
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                output, _ = proc.communicate()
+                interrupted = True
+            print(output[-3000:], flush=True)
             tests = read_junit(junit) if junit.is_file() else []
         counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
         result = {"command": " ".join(["python", "-m", "pytest", *flags, *files]), "files": files,
                   "returncode": proc.returncode, "counts": counts, "tests": tests}
-        if counts["failed"] or counts["error"] or proc.returncode not in (0, 5):  # 5: nothing collected
+        if counts["failed"] or counts["error"] or interrupted or proc.returncode not in (0, 5):  # 5: none collected
+            stopped = f", interrupted after {budget:.0f} s" if interrupted else ""
             result.update(status="failed", error=f"{counts['failed']} failed, {counts['error']} errors "
-                                                 f"(pytest exit code {proc.returncode})",
-                          output_tail=(proc.stdout + proc.stderr)[-3000:])
+                                                 f"(pytest exit code {proc.returncode}{stopped})",
+                          output_tail=output[-3000:])
         return result
 
     ctx.sub("pytest", run)
@@ -365,6 +376,8 @@ def read_junit(path: Path) -> list[dict[str, Any]]:
 
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if not case.get("name"):  # the test running when pytest was interrupted
+            continue
         outcome, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):

@@ -45,6 +45,22 @@ def test_the_default_gpu_run_fits_its_window():
     assert gpu.ttl_seconds == 120 and gpu.limits["time_to_loss"] >= 2 * gpu.ttl_seconds + gpu.ttl_reserve_s
 
 
+def test_every_tests_outcome_is_read_from_the_junit_report_also_of_an_interrupted_run(tmp_path):
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.kernels.test_kernels" name="test_a[cuda]" time="0.5" />'
+        '<testcase classname="tests.kernels.test_kernels" name="test_b[cuda]"><failure message="off by 1" /></testcase>'
+        '<testcase classname="tests.adapt.test_prune" name="test_c"><skipped message="needs sm_80" /></testcase>'
+        '<testcase classname="tests.adapt.test_prune" name="test_d"><error message="fixture" /></testcase>'
+        '<testcase time="0.000" /></testsuite></testsuites>')  # the last: running when pytest was interrupted
+    got = [(t["test"], t["outcome"], t["message"]) for t in gpu_proof.read_junit(report)]
+    assert got == [("tests.kernels.test_kernels::test_a[cuda]", "passed", ""),
+                   ("tests.kernels.test_kernels::test_b[cuda]", "failed", "off by 1"),
+                   ("tests.adapt.test_prune::test_c", "skipped", "needs sm_80"),
+                   ("tests.adapt.test_prune::test_d", "error", "fixture")]
+
+
 def test_nanogpts_warmup_keeps_its_share_and_leaves_an_iteration_to_decay():
     """nanoGPT's cosine divides by the iterations after its warmup: a short run must keep at least one."""
     import time_to_loss as ttl
