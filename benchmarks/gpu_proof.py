@@ -431,6 +431,8 @@ def part_bench(ctx: Context) -> None:
         return run
 
     def nanogpt_step() -> dict[str, Any]:
+        import statistics
+
         from nanogpt_speed import checkout_commit, run_interleaved, write_peer_data
 
         from gptforge.model.flops import flops_per_token
@@ -446,8 +448,6 @@ def part_bench(ctx: Context) -> None:
         device = ctx.device
         peak_mem = peak_memory_gb(device)
         free_memory()
-        import statistics
-
         median = statistics.median(peer["step_times_s"])
         tps = ctx.setting.batch * ctx.setting.shape["block_size"] / median
         model_cfg = load_config(None, [*ctx.overrides(), f"model.vocab_size={data.vocab_size}"]).model
