@@ -17,11 +17,15 @@ tokens: nanoGPT on random windows of val.bin, gptforge on a fixed prefix of the 
 
 Extra key=value arguments go to the gptforge run (for measuring recipe variants). Writes
 benchmarks/results/time_to_loss_cpu.json (or --out) and a PNG beside it.
+
+compare() is the whole comparison for any shape, batch, device and nanoGPT recipe (RECIPES: the 6 x 384 one
+above, and train.py's own GPT-2 124M defaults, which benchmarks/gpu_proof.py runs on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pickle  # written for the peer only: nanoGPT reads its vocabulary size from meta.pkl; nothing is loaded
 import re
@@ -46,6 +50,24 @@ BATCH = 16
 EVAL_TOKENS = 32768  # per evaluation, both sides: 8 batches of 16 x 256
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """nanoGPT's optimizer settings for a shape, as one of its configs ships them; the cosine is stretched
+    over the iterations that fit in the budget and the warmup keeps its share of the original run."""
+
+    source: str
+    learning_rate: float
+    min_lr: float
+    beta2: float
+    warmup_fraction: float  # warmup_iters / max_iters of the original
+
+
+RECIPES = {
+    "small": Recipe("config/train_shakespeare_char.py", 1e-3, 1e-4, 0.99, 100 / 5000),
+    "gpt2-124m": Recipe("train.py's defaults (GPT-2 124M on OpenWebText)", 6e-4, 6e-5, 0.95, 2000 / 600000),
+}
+
+
 def write_peer_data(nanogpt: Path, data) -> Path:
     """gptforge shards as nanoGPT's raw uint16 token files, and the meta.pkl it reads its vocabulary from."""
     out = nanogpt / "data" / DATASET
@@ -59,14 +81,24 @@ def write_peer_data(nanogpt: Path, data) -> Path:
     return out
 
 
-def run_nanogpt(nanogpt: Path, out_dir: Path, iters: int, eval_interval: int) -> str:
+def warmup_iters(iters: int, recipe: Recipe) -> int:
+    """The recipe's share of warmup, at least one iteration and fewer than `iters` (nanoGPT's cosine divides
+    by the iterations after the warmup)."""
+    return max(1, min(iters - 1, round(iters * recipe.warmup_fraction)))
+
+
+def run_nanogpt(nanogpt: Path, out_dir: Path, iters: int, eval_interval: int, shape: dict = SHAPE,
+                batch: int = BATCH, device: str = "cpu", compile: bool = False, recipe: Recipe = RECIPES["small"],
+                eval_tokens: int = EVAL_TOKENS) -> str:
+    """nanoGPT's train.py for `iters` iterations: fp32 on a CPU, bf16 autocast on a GPU, as it runs there."""
+    dtype = "float32" if device.split(":")[0] == "cpu" else "bfloat16"
     args = [
-        sys.executable, "train.py", f"--dataset={DATASET}", f"--out_dir={out_dir}", "--device=cpu", "--compile=False",
-        "--dtype=float32", *(f"--{k}={v}" for k, v in SHAPE.items()), f"--batch_size={BATCH}",
-        "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=False", "--learning_rate=1e-3",
-        f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--min_lr=1e-4", "--beta2=0.99",
-        f"--warmup_iters={max(1, iters // 50)}", "--weight_decay=0.1", "--grad_clip=1.0",
-        f"--eval_interval={eval_interval}", f"--eval_iters={EVAL_TOKENS // (BATCH * SHAPE['block_size'])}",
+        sys.executable, "train.py", f"--dataset={DATASET}", f"--out_dir={out_dir}", f"--device={device}",
+        f"--compile={compile}", f"--dtype={dtype}", *(f"--{k}={v}" for k, v in shape.items()), f"--batch_size={batch}",
+        "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=False", f"--learning_rate={recipe.learning_rate}",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--min_lr={recipe.min_lr}", f"--beta2={recipe.beta2}",
+        f"--warmup_iters={warmup_iters(iters, recipe)}", "--weight_decay=0.1", "--grad_clip=1.0",
+        f"--eval_interval={eval_interval}", f"--eval_iters={max(1, eval_tokens // (batch * shape['block_size']))}",
         "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False",
     ]
     proc = subprocess.run(args, cwd=nanogpt, capture_output=True, text=True)
@@ -91,12 +123,12 @@ def nanogpt_curve(log: str) -> tuple[list[dict], list[float]]:
     return curve, times
 
 
-def run_gptforge(data_dir: Path, run_dir: Path, seconds: float, extra: list[str]) -> list[dict]:
-    shape = [f"model.{k}={v}" for k, v in SHAPE.items()]
+def run_gptforge(data_dir: Path, run_dir: Path, seconds: float, extra: list[str], shape: dict = SHAPE,
+                 batch: int = BATCH, eval_tokens: int = EVAL_TOKENS, eval_every: int = 20) -> list[dict]:
     cfg = load_config(None, [
-        f"data.dir={data_dir}", *shape, f"train.batch_size={BATCH}", f"train.max_time={seconds}",
-        f"eval.tokens={EVAL_TOKENS}", "eval.every=20", "train.save_every=0", "train.samples=0",
-        f"run.dir={run_dir}", *extra,
+        f"data.dir={data_dir}", *(f"model.{k}={v}" for k, v in shape.items()), f"train.batch_size={batch}",
+        f"train.max_time={seconds}", f"eval.tokens={eval_tokens}", f"eval.every={eval_every}", "train.save_every=0",
+        "train.samples=0", f"run.dir={run_dir}", *extra,
     ])
     train(cfg)
     return [{"step": r["step"], "time_s": r["time_s"], "val_loss": r["val_loss"]}
@@ -131,10 +163,60 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("val loss")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
-    ax.set_title(f"6x384, seq 256, batch {BATCH}, {result['device']}")
+    shape = result["shape"]
+    ax.set_title(f"{shape['n_layer']}x{shape['n_embd']}, seq {shape['block_size']}, batch {shape['batch_size']}, "
+                 f"{result['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def compare(nanogpt: Path, data, seconds: float, overrides: list[str], shape: dict = SHAPE, batch: int = BATCH,
+            device: str = "cpu", compile: bool = False, recipe: Recipe = RECIPES["small"],
+            eval_tokens: int = EVAL_TOKENS, iter_s: float | None = None, eval_every: int | None = None) -> dict:
+    """Both sides on `data` (a DataDir) for `seconds` of training each, the same shape, batch and device; the
+    record main() writes. nanoGPT's iteration count comes from `iter_s` (seconds per iteration, measured
+    elsewhere on the same shape and device) or from a short calibration run of its own. nanoGPT evaluates
+    12 times; gptforge every `eval_every` steps (default: as often as nanoGPT)."""
+    write_peer_data(nanogpt, data)
+    peer = dict(shape=shape, batch=batch, device=device, compile=compile, recipe=recipe, eval_tokens=eval_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        if iter_s is None:
+            iter_s = statistics.median(nanogpt_curve(run_nanogpt(nanogpt, Path(tmp) / "calib", 12, 1000, **peer))[1][3:])
+        iters = max(2, int(seconds / iter_s))  # one to warm up, at least one to decay
+        print(f"nanoGPT: {iter_s * 1000:.0f} ms per iteration -> {iters} iterations in {seconds:.0f} s", flush=True)
+        every = max(1, iters // 12)
+        peer_curve, peer_times = nanogpt_curve(run_nanogpt(nanogpt, Path(tmp) / "nanogpt", iters, every, **peer))
+        ours = run_gptforge(Path(data.path), Path(tmp) / "gptforge", seconds, overrides, shape, batch, eval_tokens,
+                            eval_every or every)
+        shutil.rmtree(Path(tmp), ignore_errors=True)
+
+    peer_total = sum(peer_times)
+    target = peer_curve[-1]["val_loss"]
+    reached = time_to_reach(ours, target)
+    return {
+        **environment(__import__("torch").device(device), "fp32" if device == "cpu" else "bf16", 1),
+        "shape": {**shape, "batch_size": batch, "eval_tokens": eval_tokens},
+        "nanogpt": {"iterations": iters, "train_time_s": peer_total, "final_val_loss": target, "evals": peer_curve,
+                    "median_iter_s": statistics.median(peer_times), "recipe": dataclasses.asdict(recipe),
+                    "compile": compile},
+        "gptforge": {"overrides": overrides, "train_time_s": ours[-1]["time_s"],
+                     "final_val_loss": ours[-1]["val_loss"], "evals": ours},
+        "gptforge_time_to_nanogpt_final_s": reached,
+        "time_ratio": reached / peer_total if reached is not None else None,
+    }
+
+
+def print_comparison(result: dict) -> None:
+    target, ours = result["nanogpt"]["final_val_loss"], result["gptforge"]
+    reached = result["gptforge_time_to_nanogpt_final_s"]
+    print(f"nanoGPT:  final val loss {target:.4f} after {result['nanogpt']['train_time_s']:.0f} s of training "
+          f"({result['nanogpt']['iterations']} iterations)")
+    print(f"gptforge: final val loss {ours['final_val_loss']:.4f} after {ours['train_time_s']:.0f} s")
+    if reached is None:
+        print("gptforge did not reach nanoGPT's final val loss within the budget")
+    else:
+        print(f"gptforge reached {target:.4f} after {reached:.0f} s: {result['time_ratio']:.2f} of nanoGPT's time")
 
 
 def main() -> None:
@@ -145,41 +227,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value settings for the gptforge run")
     args = parser.parse_args()
 
-    default = load_config(None, [])
-    data = resolve_data(default)
-    write_peer_data(args.nanogpt, data)
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = nanogpt_curve(run_nanogpt(args.nanogpt, Path(tmp) / "calib", 12, 1000))[1][3:]
-        iters = int(args.seconds / statistics.median(calib))
-        print(f"nanoGPT: {statistics.median(calib) * 1000:.0f} ms per iteration -> {iters} iterations in {args.seconds:.0f} s")
-        peer_curve, peer_times = nanogpt_curve(run_nanogpt(args.nanogpt, Path(tmp) / "nanogpt", iters, max(1, iters // 12)))
-        ours = run_gptforge(Path(data.path), Path(tmp) / "gptforge", args.seconds, args.overrides)
-        shutil.rmtree(Path(tmp), ignore_errors=True)
-
-    peer_total = sum(peer_times)
-    target = peer_curve[-1]["val_loss"]
-    reached = time_to_reach(ours, target)
-    result = {
-        **environment(__import__("torch").device("cpu"), "fp32", 1),
-        "command": " ".join(["python", "benchmarks/time_to_loss.py", "--nanogpt", "NANOGPT", "--seconds",
-                             f"{args.seconds:g}", *args.overrides]),
-        "shape": {**SHAPE, "batch_size": BATCH, "eval_tokens": EVAL_TOKENS},
-        "nanogpt": {"iterations": iters, "train_time_s": peer_total, "final_val_loss": target, "evals": peer_curve,
-                    "median_iter_s": statistics.median(peer_times)},
-        "gptforge": {"overrides": args.overrides, "train_time_s": ours[-1]["time_s"],
-                     "final_val_loss": ours[-1]["val_loss"], "evals": ours},
-        "gptforge_time_to_nanogpt_final_s": reached,
-        "time_ratio": reached / peer_total if reached is not None else None,
-    }
+    result = compare(args.nanogpt, resolve_data(load_config(None, [])), args.seconds, args.overrides, eval_every=20)
+    result["command"] = " ".join(["python", "benchmarks/time_to_loss.py", "--nanogpt", "NANOGPT", "--seconds",
+                                  f"{args.seconds:g}", *args.overrides])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    print(f"nanoGPT:  final val loss {target:.4f} after {peer_total:.0f} s of training ({iters} iterations)")
-    print(f"gptforge: final val loss {ours[-1]['val_loss']:.4f} after {ours[-1]['time_s']:.0f} s")
-    if reached is None:
-        print("gptforge did not reach nanoGPT's final val loss within the budget")
-    else:
-        print(f"gptforge reached {target:.4f} after {reached:.0f} s: {reached / peer_total:.2f} of nanoGPT's time")
+    print_comparison(result)
     print(f"wrote {args.out}")
 
 
