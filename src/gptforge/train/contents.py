@@ -49,8 +49,11 @@ def check_contents(path: Path, layout: str, folder_step: int | None) -> list[str
         return [f"{state_file}: config: {e}"]
     if layout == "sharded":  # the shards are described by dcp/.metadata, which torch checks as it reads them
         return []
-    with torch.device("meta"):
-        model = model_for(cfg, raw)
+    try:
+        with torch.device("meta"):
+            model = model_for(cfg, raw)
+    except (GptforgeError, ValueError, KeyError, TypeError) as e:  # a quantization record that builds nothing
+        return [f"{state_file}: quantization: {str(e)[:200] or type(e).__name__}"]
     return _tensor_problems(path, model, raw)
 
 
