@@ -11,11 +11,20 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """Keep the tests away from the user's ~/.cache/gptforge."""
+    """Keep the tests away from the user's ~/.cache/gptforge, and make every host count as a CPU without
+    native bf16, so `precision=auto` means fp32 whatever the CPU: the suite's figures do not depend on the
+    machine. Tests of the other kind force it with the `native_bf16_cpu` fixture."""
     mp = pytest.MonkeyPatch()
     mp.setenv("GPTFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("GPTFORGE_CPU_NATIVE_BF16", "0")
     yield
     mp.undo()
+
+
+@pytest.fixture
+def native_bf16_cpu(monkeypatch):
+    """This test runs as on a CPU with native bf16 (AVX512-BF16 or AMX), whatever the host has."""
+    monkeypatch.setenv("GPTFORGE_CPU_NATIVE_BF16", "1")
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,19 @@ class Precision:
         return torch.amp.GradScaler(self.device_type)
 
 
+CPU_BF16_ENV = "GPTFORGE_CPU_NATIVE_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 matrix instructions (x86 AVX512-BF16 / AMX-BF16)."""
+    """True when the CPU advertises bf16 matrix instructions (x86 AVX512-BF16 / AMX-BF16).
+
+    `GPTFORGE_CPU_NATIVE_BF16=0` or `=1` overrides the probe: to reproduce on one CPU what `precision=auto`
+    does on the other kind (the test suite pins it to 0, so its figures do not depend on the host)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1 (or unset, to ask the CPU)")
     if platform.system() != "Linux":
         return False
     try:

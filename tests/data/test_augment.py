@@ -117,7 +117,10 @@ def losses(run_dir):
     return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
 
 
-def test_training_is_augmented_and_evaluation_is_not(small_data, tmp_path):
+@pytest.mark.parametrize("cpu_kind", ["no native bf16", "native bf16"])
+def test_training_is_augmented_and_evaluation_is_not(small_data, tmp_path, cpu_kind, request):
+    if cpu_kind == "native bf16":
+        request.getfixturevalue("native_bf16_cpu")  # precision=auto picks bf16: the check holds there too
     run(small_data, tmp_path / "plain", "train.max_steps=4")
     run(small_data, tmp_path / "aug", "train.max_steps=4", *AUG)
     assert losses(tmp_path / "plain")[0] != losses(tmp_path / "aug")[0]  # the first batch was edited
@@ -126,7 +129,9 @@ def test_training_is_augmented_and_evaluation_is_not(small_data, tmp_path):
     loaded = load_run(tmp_path / "aug")
     cfg = loaded.config
     val = val_batches(load_data_dir(small_data).val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens)
-    got = evaluate(loaded.model, val, resolve_precision("fp32", torch.device("cpu")))["val_loss"]
+    precision = resolve_precision(cfg.speed.precision, torch.device("cpu"))  # the run's own: auto
+    assert precision.name == ("bf16" if cpu_kind == "native bf16" else "fp32")
+    got = evaluate(loaded.model, val, precision)["val_loss"]
     assert got == pytest.approx(final, abs=1e-6)
 
 

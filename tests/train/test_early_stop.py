@@ -26,7 +26,7 @@ STALLS = ["model.preset=tiny", "train.batch_size=8", "train.max_time=null", "eva
           "train.samples=0", "run.tensorboard=false", "run.deterministic=true", "data.prefetch=0",
           "optim.lr=0.01", "schedule.warmup_steps=2", "schedule.name=constant", "eval.every=4",
           "train.save_every=4", "train.keep_checkpoints=1", "eval.early_stop_patience=2",
-          "eval.early_stop_min_delta=0.15"]
+          "eval.early_stop_min_delta=0.15", "speed.precision=fp32"]
 
 
 def run(data, run_dir, *extra):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.kernels.backend import cdiv, jit, next_power_of_2, tl, triton_available
+from gptforge.model.gpt import gain_like
 
 MAX_WIDTH = 65536
 """Widest row one program normalizes; wider rows use the PyTorch path."""
@@ -126,7 +127,7 @@ class FusedRMSNorm(nn.Module):
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default when None
         if triton_available(x.device) and x.shape[-1] <= MAX_WIDTH:
             return rms_norm(x, self.weight, eps)
-        return F.rms_norm(x, self.normalized_shape, self.weight, eps)
+        return F.rms_norm(x, self.normalized_shape, gain_like(self.weight, x), eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

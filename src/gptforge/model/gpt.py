@@ -99,11 +99,25 @@ class GPTConfig:
 RMS_NORM_EPS = 1e-6
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose gain is used in the input's dtype. Under bf16 autocast the activations arrive in bf16
+    while the gain stays fp32; torch's fused rms_norm needs both alike and otherwise falls back to its
+    composite ops with a warning (and returns fp32). Casting the gain keeps the fused path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, gain_like(self.weight, x), self.eps)
+
+
+def gain_like(weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in `x`'s dtype (a no-op when they agree); the cast is differentiable, so the fp32 gain learns."""
+    return weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
+
+
 # model.norm: (config, dim) -> a norm with a learnable gain initialised to one. RMSNorm has a fixed eps
 # rather than torch's dtype-dependent default, so fp32 and bf16 runs normalise alike.
 NORMS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {
     "layernorm": lambda config, dim: nn.LayerNorm(dim, bias=config.bias),
-    "rmsnorm": lambda config, dim: nn.RMSNorm(dim, eps=RMS_NORM_EPS),
+    "rmsnorm": lambda config, dim: RMSNorm(dim, eps=RMS_NORM_EPS),
 }
 
 
@@ -188,8 +202,8 @@ class CausalSelfAttention(nn.Module):
         # qk_norm: RMSNorm over head_dim with one learnable gain shared by all heads (as in OLMo 2 and
         # Qwen 3). Without the gain, |q| = |k| = sqrt(hd) would cap every attention logit at sqrt(hd)
         # and stop a head from ever attending sharply.
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.rotary = apply_rotary  # (x, cos, sin) -> x rotated; gptforge.kernels may swap in a fused kernel
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
