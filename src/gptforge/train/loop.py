@@ -11,6 +11,7 @@ through one `finally` that closes the loader, the progress bar and the metrics l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -40,7 +41,9 @@ from gptforge.train import checkpoint, rng
 from gptforge.train.builder import Trainee, apply_adapters, build
 from gptforge.train.fitwatch import EarlyStop, fit_watch
 from gptforge.train.guard import Guard
+from gptforge.train.interrupt import deferred_interrupt
 from gptforge.train.resume import Resume, find_resume, restore
+from gptforge.train.runlock import run_lock
 from gptforge.train.schedule import lr_multiplier, micro_steps, progress
 from gptforge.train.state import TrainState
 
@@ -68,9 +71,10 @@ def train(cfg: Config, on_eval: Callable[[int, dict[str, Any]], None] | None = N
     with running_world(cfg.dist.backend) as world:
         run = Run(cfg, world, on_eval)
         try:
-            run.start()
-            run.loop()
-            return run.finish()
+            with run.exclusive():
+                run.start()
+                run.loop()
+                return run.finish()
         finally:
             run.close()
 
@@ -90,19 +94,28 @@ class Run:
     # ------------------------------------------------------------------------------------------------------
     # Set-up, the loop, the end
 
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """One writer per run directory: the main process holds RUN_DIR/run.lock while the run trains."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return run_lock(self.run_dir) if self.world.is_main else contextlib.nullcontext()
+
     def start(self) -> None:
         """Resume or start: build the step, write the run's files, restore the counters, evaluate step 0."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resume = self._build()
         self.cfg = cfg = self.t.cfg  # resolved: vocabulary, init_from's model, batch size
         tokenizer = self.t.data.tokenizer  # bytes per token, for bits per byte
         self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
         self._write_run_files()
-        dropped = truncate_after(self.run_dir, self.state.step) if resume and self.world.is_main else 0
+        # metrics.jsonl holds exactly the steps the state has: lines past the checkpoint resumed from (or, for
+        # a run starting at step 0, every line a killed earlier start left) are dropped, and counted.
+        dropped = truncate_after(self.run_dir, self.state.step if resume else -1) if self.world.is_main else 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.run.tensorboard)
         if resume:
             self.metrics.event("resume", self.state.step, checkpoint=resume.path.name, dropped_lines=dropped,
                                world_size=self.world.world_size, saved_world_size=self.state.world_size)
+        elif dropped:
+            self.metrics.event("restart", 0, dropped_lines=dropped)
+            self.say(f"no checkpoint to resume from: {dropped} lines an earlier start wrote to metrics.jsonl dropped")
         self.early = EarlyStop(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta, self.state.early_stop)
         self.watch = fit_watch(cfg.guard, self.t.data.train, self.state.fit_watch)
         self.last_saved = self.state.step if resume else -1
@@ -147,27 +160,47 @@ class Run:
         self.meter, self.tokens_before = energy_meter(self.t.device), s.tokens  # None without NVML or a GPU
         self.window_tokens, self.window_time = 0, 0.0
         self.t.model.train()
+        at_boundary = True  # the state is that of a completed step (and its log, evaluation and save)
         try:
-            while self.budget_left() and not self.early.stopped:
-                loss, grad_norm, skipped = self.step()
-                self.report_skips(loss, grad_norm, skipped)
-                if self.guard.needs_rollback:
-                    self.roll_back()
-                if s.step % cfg.train.log_every == 0 or not self.budget_left():
-                    self.log(loss, grad_norm)
-                if cfg.eval.every and s.step % cfg.eval.every == 0 and self.budget_left():
-                    self.evaluate()
-                if cfg.train.save_every and s.step % cfg.train.save_every == 0 and self.budget_left():
-                    self.save()
+            with deferred_interrupt(self.say) as interrupt:
+                while self.budget_left() and not self.early.stopped:
+                    at_boundary = False
+                    self.t.stepper.stop_asked = interrupt.requested
+                    loss, grad_norm, skipped = self.step()
+                    self.report_skips(loss, grad_norm, skipped)
+                    if self.guard.needs_rollback:
+                        self.roll_back()
+                    if s.step % cfg.train.log_every == 0 or not self.budget_left():
+                        self.log(loss, grad_norm)
+                    if cfg.eval.every and s.step % cfg.eval.every == 0 and self.budget_left():
+                        self.evaluate()
+                    if cfg.train.save_every and s.step % cfg.train.save_every == 0 and self.budget_left():
+                        self.save()
+                    at_boundary = True
+                    if self.world.distributed and self.t.stepper.stop_agreed or \
+                            not self.world.distributed and interrupt.requested:
+                        raise KeyboardInterrupt
         except StopTraining as e:
             self.metrics.event("stopped", s.step, reason=str(e))
             self.say(f"stopped at step {s.step}: {e}")
             raise
         except KeyboardInterrupt:
-            self.save()
-            self.metrics.event("interrupted", s.step)
-            self.say(f"interrupted: saved step {s.step} to {self.run_dir}; run the same command again to resume")
+            self.interrupted(at_boundary)
             raise
+
+    def interrupted(self, at_boundary: bool) -> None:
+        """Ctrl-C: save the completed step; a second Ctrl-C mid-step saves nothing (train/interrupt.py)."""
+        s = self.state
+        if at_boundary:
+            if s.step != self.last_saved:
+                self.save()
+            self.metrics.event("interrupted", s.step, saved=True)
+            self.say(f"interrupted: saved step {s.step} to {self.run_dir}; run the same command again to resume")
+            return
+        last = checkpoint.find_latest(self.run_dir)
+        self.metrics.event("interrupted", s.step, saved=False)
+        resume_from = f"its last checkpoint, {last.name}" if last is not None else "the start (no checkpoint yet)"
+        self.say(f"interrupted mid-step: nothing saved; run the same command again to resume from {resume_from}")
 
     def finish(self) -> TrainResult:
         """After the last step: a final evaluation and checkpoint, energy, samples."""

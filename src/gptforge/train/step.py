@@ -48,6 +48,11 @@ class Stepper:
         self.device_skips = 0  # set on read steps: steps skipped on the device since the previous read
         self._counters: torch.Tensor | None = None  # (3,) int32 on the device: skipped, run of skips, any applied
         self.phases: PhaseTimer | None = None  # set by `gptforge bench` to split each step's time
+        # Ctrl-C (train/interrupt.py): this process asks in the step's all-reduce; on steps read back,
+        # stop_agreed says whether any process asked, so that all stop after the same step.
+        self.stop_asked = False
+        self.stop_agreed = False
+        self._stop_votes: torch.Tensor | None = None
 
     def _injected(self, step: int, at: int | None) -> bool:
         return at is not None and at <= step < at + self.debug.inject_count
@@ -73,6 +78,7 @@ class Stepper:
         if self.sync_free:
             self._read_counters()
         loss, grad_norm = float(loss), float(grad_norm)
+        self.stop_agreed = bool(self._stop_votes)  # already on the host's side of the sync just made
         reason = self.guard.check(loss, grad_norm, spikes=step > self.warmup) if self.guard is not None else None
         if self.scaler is not None:
             if reason is None or reason == "nonfinite":  # fp16 overflow is the scaler's to handle
@@ -110,9 +116,12 @@ class Stepper:
 
     def _mean_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """One all-reduce: the mean loss over processes, NaN when any process saw a non-finite one, so that
-        every process decides alike. A 0-dim tensor on the device."""
-        stats = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float()])
+        every process decides alike, and the processes' stop requests. A 0-dim tensor on the device."""
+        loss_sum = loss_sum.float()
+        asked = torch.full_like(loss_sum, float(self.stop_asked))
+        stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), asked])
         self.world.all_reduce(stats)
+        self._stop_votes = stats[2] > 0
         return torch.where(stats[1] > 0, torch.full_like(stats[0], math.nan), stats[0] / self.world.world_size)
 
     def _device_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
