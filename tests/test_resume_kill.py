@@ -1,7 +1,9 @@
-"""SIGKILL at any moment, then run again: per-step losses and final weights bit-for-bit equal to a run
-that was never interrupted (CPU, run.deterministic=true, gradient accumulation, dropout, random windows)."""
+"""SIGKILL or Ctrl-C at any moment, then run again: per-step losses, metrics.jsonl line for line, and final
+weights bit-for-bit equal to a run that was never interrupted (CPU, run.deterministic=true, gradient
+accumulation, dropout, random windows)."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -58,7 +60,9 @@ def args(data, run_dir, steps):
     ]
 
 
-def child(argv, kill_at=None, kill_when_step=None):
+def child(argv, kill_at=None, kill_when_step=None, signals=(signal.SIGKILL,), delay=0.0):
+    """Run `gptforge train argv`; once the run has logged step `kill_when_step`, wait `delay` seconds and
+    send `signals` (a second one, if given, 20 ms after the first)."""
     env = {**os.environ, "KILL_AT": kill_at or ":0", "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if kill_when_step is not None:
@@ -67,7 +71,12 @@ def child(argv, kill_at=None, kill_when_step=None):
         while proc.poll() is None and time.time() < deadline:
             steps = [r.get("step", 0) for r in _safe_metrics(run_dir)]
             if steps and max(steps) >= kill_when_step:
-                proc.send_signal(signal.SIGKILL)
+                time.sleep(delay)
+                for i, sig in enumerate(signals):
+                    if proc.poll() is None:
+                        proc.send_signal(sig)
+                    if i + 1 < len(signals):
+                        time.sleep(0.02)
                 break
             time.sleep(0.005)
     out, _ = proc.communicate(timeout=300)
@@ -82,13 +91,24 @@ def _safe_metrics(run_dir):
 
 
 def per_step(run_dir):
-    out = {}
+    """The training and evaluation lines of metrics.jsonl in file order: a duplicated or missing step shows."""
+    out = []
     for r in read_metrics(run_dir):
         if "train_loss" in r:
-            out[("train", r["step"])] = r["train_loss"]
+            out.append(("train", r["step"], r["train_loss"]))
         if "val_loss" in r:
-            out[("val", r["step"])] = r["val_loss"]
+            out.append(("val", r["step"], r["val_loss"]))
     return out
+
+
+def assert_same_run(ref, run, steps):
+    expected, got = per_step(ref), per_step(run)
+    assert len(expected) == steps + steps // 5 + 1  # a training line a step, evals at 0, 5, ..., steps
+    assert got == expected  # exact float equality, every line, in order
+    ref_w, got_w = final_weights(ref), final_weights(run)
+    assert ref_w.keys() == got_w.keys()
+    for key in ref_w:
+        assert torch.equal(ref_w[key], got_w[key]), key
 
 
 def final_weights(run_dir):
@@ -102,6 +122,7 @@ def test_sigkill_anywhere_resumes_bitwise(small_data, tmp_path):
 
     run = tmp_path / "killed"
     kills = [
+        (None, None, 2),  # killed before its first checkpoint: starts again from step 0
         ("before_rename", 2, None),  # dies writing the step-6 checkpoint: resumes from step 3
         ("mid_step", 9, None),  # dies inside an optimizer step
         ("in_eval", 3, None),  # dies while evaluating
@@ -116,11 +137,27 @@ def test_sigkill_anywhere_resumes_bitwise(small_data, tmp_path):
     code, out = child(args(small_data, run, steps))
     assert code == 0, out
     assert "resumed from" in out
+    assert_same_run(tmp_path / "ref", run, steps)
 
-    expected, got = per_step(tmp_path / "ref"), per_step(run)
-    assert len(expected) == steps + 9  # 40 training lines, evals at 0, 5, ..., 40
-    assert got == expected  # exact float equality, every step
-    ref_w, got_w = final_weights(tmp_path / "ref"), final_weights(run)
-    assert ref_w.keys() == got_w.keys()
-    for key in ref_w:
-        assert torch.equal(ref_w[key], got_w[key]), key
+
+def test_ctrl_c_at_random_moments_resumes_bitwise(small_data, tmp_path):
+    """SIGINT at random moments, sometimes twice in a row (stop at once, nothing saved), then finish."""
+    steps, seed = 40, int(os.environ.get("GPTFORGE_KILL_SEED", "0"))
+    code, out = child(args(small_data, tmp_path / "ref", steps))
+    assert code == 0, out
+    draw, run = random.Random(seed), tmp_path / "interrupted"
+    for _ in range(6):
+        at = max([r["step"] for r in _safe_metrics(run) if "train_loss" in r], default=0) + draw.randint(1, 6)
+        if at > steps - 2:
+            break
+        twice, delay = draw.random() < 0.35, draw.uniform(0.0, 0.1)
+        code, out = child(args(small_data, run, steps), kill_when_step=at, delay=delay,
+                          signals=(signal.SIGINT, signal.SIGINT) if twice else (signal.SIGINT,))
+        assert code in (130, 0), f"seed {seed}: {out}"  # 0: it finished a step or two before the signal
+        assert "Traceback" not in out, f"seed {seed}: {out}"
+        if code == 130 and not twice:  # one Ctrl-C: the step in progress is finished and saved
+            saved = int(out.split("interrupted: saved step ")[1].split()[0])
+            assert checkpoint.find_latest(run).name == f"step_{saved:08d}", f"seed {seed}: {out}"
+    code, out = child(args(small_data, run, steps))
+    assert code == 0, out
+    assert_same_run(tmp_path / "ref", run, steps)
