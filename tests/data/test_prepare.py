@@ -60,6 +60,7 @@ def mixed(tmp_path) -> Path:
         json.dumps({"text": JSONL_GOOD[1]}).encode(),  # 8
         b'{"text": "latin-1 \xe9"}',  # 9 invalid_utf8
         b'{"text": "truncated',  # 10 malformed_json
+        b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 11 too_deep: RecursionError in json
     ]))
     (root / "empty.jsonl").write_bytes(b"")
     (root / "empty.txt").write_bytes(b"")
@@ -67,6 +68,8 @@ def mixed(tmp_path) -> Path:
     (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
     (root / "latin1.txt").write_bytes(b"caf\xe9")
     (root / "dangling.txt").symlink_to(root / "nowhere")
+    os.mkfifo(root / "pipe.txt")  # opening it would block until a writer comes: forever
+    (root / "zeros.txt").symlink_to("/dev/zero")  # reading it never ends
     write_parquet(root / "data.parquet", text=["parquet one", None, "", "parquet two"])
     write_parquet(root / "nocol.parquet", body=["text in the wrong column"])
     write_parquet(root / "ints.parquet", text=[1, 2])
@@ -104,22 +107,25 @@ def small(**kwargs) -> dict:
 def test_mixed_inputs_count_every_skip_with_locations(mixed, tmp_path):
     manifest = prepare([str(mixed)], tmp_path / "out", **small())
     assert manifest["skipped"] == {
-        "empty": 5, "binary": 1, "invalid_utf8": 3, "malformed_json": 1,
-        "missing_field": 4, "non_string_field": 3, "unreadable": 2,
+        "not_regular": 2, "empty": 5, "binary": 1, "invalid_utf8": 3, "malformed_json": 1, "too_long": 0,
+        "too_deep": 1, "missing_field": 4, "non_string_field": 3, "unreadable": 2,
     }
     examples = {reason: set(locations) for reason, locations in manifest["skipped_examples"].items()}
     assert examples == {
+        "not_regular": {f"{mixed}/pipe.txt", f"{mixed}/zeros.txt"},
         "empty": {f"{mixed}/empty.txt", f"{mixed}/blank.md", f"{mixed}/docs.jsonl:6",
                   f"{mixed}/data.parquet:row 3", f"{mixed}/empty.jsonl"},
         "binary": {f"{mixed}/image.png"},
         "invalid_utf8": {f"{mixed}/latin1.txt", f"{mixed}/docs.jsonl:7", f"{mixed}/docs.jsonl:9"},
         "malformed_json": {f"{mixed}/docs.jsonl:10"},
+        "too_long": set(),
+        "too_deep": {f"{mixed}/docs.jsonl:11"},
         "missing_field": {f"{mixed}/docs.jsonl:3", f"{mixed}/docs.jsonl:4", f"{mixed}/data.parquet:row 2",
                           f"{mixed}/nocol.parquet"},
         "non_string_field": {f"{mixed}/docs.jsonl:2", f"{mixed}/ints.parquet:row 1", f"{mixed}/ints.parquet:row 2"},
         "unreadable": {f"{mixed}/dangling.txt", f"{mixed}/broken.parquet"},
     }
-    assert manifest["stats"]["files"] == 14  # hidden entries and __pycache__ are not read
+    assert manifest["stats"]["files"] == 16  # hidden entries and __pycache__ are not read
     assert manifest["stats"]["short_documents"] == len(GOOD_DOCUMENTS)
     splits = manifest["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(GOOD_DOCUMENTS)
@@ -290,7 +296,7 @@ def test_existing_empty_output_dir_is_used(mixed, tmp_path):
 def test_output_inside_the_input_is_not_read_back(mixed, tmp_path):
     first = prepare([str(mixed)], mixed / "prepared", **small())
     second = prepare([str(mixed)], mixed / "prepared", **small(force=True))
-    assert first["stats"]["files"] == second["stats"]["files"] == 14
+    assert first["stats"]["files"] == second["stats"]["files"] == 16
 
 
 def test_missing_inputs_are_named(tmp_path):
@@ -423,3 +429,149 @@ def test_builtin_data_dir_uses_the_winner_of_a_race(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "prepare", lose_the_race)
     assert builtin_data_dir(progress=False) == builtin_path(tmp_path, "bpe8192")
     assert os.listdir(builtin_path(tmp_path, "bpe8192")) == ["manifest.json"]
+
+
+# ---------------------------------------------------------------- what one document may cost
+
+
+@pytest.fixture
+def tiny_limits(monkeypatch):
+    """Pieces of at most 100 characters, read 37 bytes at a time, JSONL lines of at most 200 bytes."""
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)
+    monkeypatch.setattr(corpus, "READ_BYTES", 37)
+    monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 200)
+
+
+def read_all(path: Path, **kwargs) -> tuple[list[tuple[str, str]], corpus.Reader]:
+    reader = corpus.Reader([path], **kwargs)
+    return list(reader.documents()), reader
+
+
+def test_a_long_text_file_is_cut_after_newlines_then_before_spaces_then_anywhere(tiny_limits, tmp_path):
+    lines = "".join(f"line {i} of a file that goes on\n" for i in range(8))  # 30 characters a line
+    words = " ".join(["word"] * 40)  # no newline: cut before a space
+    run = "x" * 250  # no whitespace at all: cut at the limit
+    text = lines + words + run + "\n"
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    docs, reader = read_all(path)
+    pieces = [piece for piece, _ in docs]
+    assert "".join(pieces) == text  # nothing lost, nothing added, in order
+    assert all(0 < len(piece) <= 100 for piece in pieces)
+    assert pieces[:2] == [lines[:90], lines[90:180]]  # three whole lines each
+    assert [location for _, location in docs] == [str(path)] + [f"{path} part {i}" for i in range(2, len(docs) + 1)]
+    assert any(piece.startswith(" word") for piece in pieces)
+    assert "x" * 100 in pieces  # the run, cut where it had to be
+    assert (reader.split_documents, reader.split_pieces, reader.split_examples) == (1, len(pieces), [str(path)])
+    assert reader.bytes_done == len(text)
+
+
+def test_only_the_first_piece_when_asked(tiny_limits, tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("y" * 1000, encoding="utf-8")
+    assert read_all(path, first_piece_only=True)[0] == [("y" * 100, str(path))]
+
+
+def test_a_long_text_file_is_skipped_whole_when_any_part_is_bad(tiny_limits, tmp_path):
+    (tmp_path / "late_latin1.txt").write_bytes("é".encode() * 300 + b"caf\xe9")
+    (tmp_path / "nul.txt").write_bytes(b"\0" + b"a" * 500)
+    (tmp_path / "spaces.txt").write_text(" \n\t" * 200)
+    reader = corpus.Reader(sorted(tmp_path.iterdir()))
+    assert list(reader.documents()) == []
+    assert reader.skipped == {"invalid_utf8": 1, "binary": 1, "empty": 1}
+
+
+def test_a_long_jsonl_or_parquet_text_is_cut_into_pieces(tiny_limits, tmp_path):
+    text = "sentence after sentence. " * 6  # 150 characters
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    docs, reader = read_all(tmp_path / "docs.jsonl")
+    assert "".join(piece for piece, _ in docs) == text and len(docs) == 2
+    assert [location for _, location in docs] == [f"{tmp_path}/docs.jsonl:1", f"{tmp_path}/docs.jsonl:1 part 2"]
+    write_parquet(tmp_path / "rows.parquet", text=[text, "short"])
+    docs, reader = read_all(tmp_path / "rows.parquet")
+    assert [piece for piece, _ in docs] == [*(piece for piece in corpus.pieces([text])), "short"]
+    assert reader.split_documents == 1
+
+
+def test_an_overlong_jsonl_line_is_skipped_and_counted_and_the_next_one_read(tiny_limits, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"text": "before"}',
+        json.dumps({"text": "z" * 5000}).encode(),  # 2: over 200 bytes, read past in chunks
+        b'{"text": "after"}',
+        b"not json",  # 4: line numbers still right after the skip
+    ]) + b"\n")
+    docs, reader = read_all(path)
+    assert [piece for piece, _ in docs] == ["before", "after"]
+    assert reader.skipped == {"too_long": 1, "malformed_json": 1}
+    assert reader.examples == {"too_long": [f"{path}:2"], "malformed_json": [f"{path}:4"]}
+    assert reader.bytes_done == path.stat().st_size
+
+
+def test_non_regular_inputs_named_directly_are_skipped_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"no usable documents in 2 input files: not_regular 2 \(e\.g\. .*pipe"):
+        prepare([str(tmp_path / "pipe"), "/dev/zero"], tmp_path / "out", **small())
+
+
+def test_the_manifest_and_summary_count_cut_documents(tiny_limits, tmp_path, capsys):
+    write_docs(tmp_path / "in", ["short one", "long document " * 30])
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes"))
+    stats = manifest["stats"]
+    assert (stats["split_documents"], stats["split_pieces"]) == (1, 5)
+    assert stats["split_examples"] == [str(tmp_path / "in" / "doc001.txt")]
+    texts = documents(tmp_path / "out", "train") + documents(tmp_path / "out", "val")
+    assert sorted(texts) == sorted(["short one", *corpus.pieces(["long document " * 30])])
+    prepare_module.Console(width=200).print(prepare_module.summary_table(manifest, tmp_path / "out"))
+    assert "1 cut into 5 pieces" in capsys.readouterr().out
+
+
+PEAK_RSS_CHILD = """
+import resource, sys
+from gptforge.data.prepare import prepare
+prepare([sys.argv[1]], sys.argv[2], vocab_size=512, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_length_of_one_line(tmp_path):
+    """One line of 2 MB and one of 8 MB (random words) cost the same memory; before pieces, the
+    8 MB line took a gigabyte more. benchmarks/prepare_memory.py measures the 50 MB target."""
+    import random
+    import subprocess
+
+    rng = random.Random(0)
+    vocabulary = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    peaks = {}
+    for mb in (2, 8):
+        folder = tmp_path / f"in{mb}"
+        folder.mkdir()
+        with open(folder / "line.txt", "w") as f:
+            while f.tell() < mb * 1_000_000:
+                f.write(" ".join(rng.choices(vocabulary, k=10_000)) + " ")
+        child = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_CHILD, str(folder), str(tmp_path / f"out{mb}")],
+            capture_output=True, text=True, check=True, timeout=300,
+        )
+        peaks[mb] = int(child.stdout.split()[-1]) / 1024  # MB (ru_maxrss is in KB on Linux)
+    assert peaks[8] - peaks[2] < 100, peaks
+
+
+def test_stale_temporary_folders_of_dead_prepares_are_removed(mixed, tmp_path):
+    import subprocess
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid is now free: the prepare that used it is dead
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f".out.tmp-{finished.pid}", f".out.old-{finished.pid}", f".out.tmp-{alive.pid}",
+                 ".out.tmp-notapid", f".other.tmp-{finished.pid}"]
+        for name in names:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "train_000000.bin").write_bytes(b"partial")
+        prepare([str(mixed)], tmp_path / "out", **small())
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        assert left == sorted([f".out.tmp-{alive.pid}", ".out.tmp-notapid", f".other.tmp-{finished.pid}"])
+    finally:
+        alive.kill()
+        alive.wait()

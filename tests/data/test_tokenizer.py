@@ -1,13 +1,15 @@
 """Tokenizer: exact round trips, EOT handling, byte accounting, and every way of loading one."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from gptforge.data.tokenizer import EOT, Tokenizer
+from gptforge.data import tokenizer as tokenizer_module
+from gptforge.data.tokenizer import EOT, Tokenizer, training_chunks
 from gptforge.errors import DataError
 
 SAMPLES = [
@@ -131,3 +133,31 @@ def test_nothing_usable_at_the_path_is_a_data_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(DataError, match=r"tokenizer\.json: not a valid tokenizer"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_training_chunks_leave_ordinary_text_whole_and_cut_long_runs(monkeypatch):
+    source = Path(tokenizer_module.__file__).read_text(encoding="utf-8")
+    assert list(training_chunks(source)) == [source]  # code and prose have no 4,097-character word
+    monkeypatch.setattr(tokenizer_module, "TRAIN_RUN_CHARS", 10)
+    monkeypatch.setattr(tokenizer_module, "_LONG_RUN", tokenizer_module.re.compile(r"(?<!\S)\S{11,}"))
+    text = "a b " + "x" * 25 + " tail " + "y" * 10
+    assert list(training_chunks(text)) == ["a b " + "x" * 10, "x" * 10, "x" * 5 + " tail " + "y" * 10]
+
+
+def test_the_bpe_trainer_never_sees_a_run_longer_than_the_limit(monkeypatch):
+    """One unbroken 1 MiB run is a single word to the trainer, which took minutes over it."""
+    import random
+    import string
+
+    fed = []
+    train_from_iterator = tokenizers.Tokenizer.train_from_iterator
+
+    def spy(self, iterator, *args, **kwargs):
+        return train_from_iterator(self, (fed.append(text) or text for text in iterator), *args, **kwargs)
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "train_from_iterator", spy)
+    text = "".join(random.Random(0).choices(string.ascii_letters, k=1 << 20))
+    tok = Tokenizer.train_bpe(["a few words first ", text], vocab_size=300)
+    assert "".join(fed) == "a few words first " + text
+    assert max(len(run) for chunk in fed for run in chunk.split()) == tokenizer_module.TRAIN_RUN_CHARS
+    assert tok.decode(tok.encode(text[:5000])) == text[:5000]

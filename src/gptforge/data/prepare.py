@@ -10,6 +10,7 @@ data dir is always a finished one. Reading one back is `datadir.load_data_dir`.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, 
 from rich.table import Table
 
 from gptforge.data.corpus import (
+    MAX_DOCUMENT_CHARS,
     SKIP_REASONS,
     Reader,
     cache_root,
@@ -45,7 +47,8 @@ from gptforge.fileio import fsync_dir, sha256_file
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
 SHORT_DOCUMENT_TOKENS = 64
-BATCH_CHARS = 4 << 20  # per encode_batch call: enough documents to keep every core busy
+BATCH_CHARS = 2 << 20  # per encode_batch call: enough documents to keep cores busy; encoding costs ~120 MB per MiB
+PID_LIMIT = 1 << 22  # no system hands out larger process ids (Linux's ceiling)
 ALL_SKIP_REASONS = {**SKIP_REASONS, **CURATION_SKIP_REASONS}
 
 
@@ -202,6 +205,28 @@ def _check_output(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out}: already exists and is not empty; pass --force to replace it")
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders (`.NAME.tmp-PID`, `.NAME.old-PID`) that killed runs of prepare left
+    beside `out`. One whose process is alive is another prepare at work and is left alone; so is
+    everything on a system where a process cannot be probed without touching it."""
+    if os.name != "posix":
+        return
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) < PID_LIMIT and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
 def _install(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished folder into place; with `force`, swap it with the old one."""
     try:
@@ -265,11 +290,14 @@ def prepare(
     if any(path.suffix.lower() == ".parquet" for path in files):
         parquet_module()  # fail now, not after training a tokenizer
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove_stale(out)
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
     tmp.mkdir(parents=True)
     try:
         with _progress(progress) as bar:
-            first_reader = Reader(files, text_field, text_column)
+            # The tokenizer learns from the first piece of each long document: enough to learn its
+            # words, and what the trainer holds then does not grow with the length of one document.
+            first_reader = Reader(files, text_field, text_column, first_piece_only=True)
             first_pass = curator().documents(_tracked(first_reader, bar, "training tokenizer"), first_reader.skip)
             training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
             kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
@@ -296,6 +324,9 @@ def prepare(
                 "files": len(files),
                 "bytes": reader.bytes_done,
                 "short_documents": short,
+                "split_documents": reader.split_documents,
+                "split_pieces": reader.split_pieces,
+                "split_examples": reader.split_examples,
                 "elapsed_s": round(time.perf_counter() - start, 3),
             },
             "inputs": list(inputs) or [f"builtin:{stdlib_dir()}"],
@@ -448,6 +479,11 @@ def summary_table(manifest: dict, out: str | Path) -> Table:
             split, f"{info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)"
         )
     table.add_row("short documents", f"{stats['short_documents']:,} (< {SHORT_DOCUMENT_TOKENS} tokens, kept)")
+    if stats.get("split_documents"):
+        table.add_row("long documents", escape(
+            f"{stats['split_documents']:,} cut into {stats['split_pieces']:,} pieces of at most "
+            f"{MAX_DOCUMENT_CHARS >> 20} MiB characters, e.g. {', '.join(stats['split_examples'])}"
+        ))
     table.add_row("curation", escape(_curation_summary(manifest["curation"])))
     if manifest["pii_scrubbed"] is not None:
         counts = ", ".join(f"{count:,} {kind}" for kind, count in manifest["pii_scrubbed"].items())

@@ -9,7 +9,8 @@ itself never produces it (see `Tokenizer.encode`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from gptforge.errors import DataError
 
 EOT = "<|endoftext|>"
+TRAIN_RUN_CHARS = 4096  # the BPE trainer never sees a longer run of characters without whitespace
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{TRAIN_RUN_CHARS + 1},}}")  # anchored at a run's start: linear time
 
 
 @lru_cache(maxsize=1)
@@ -64,7 +67,12 @@ class Tokenizer:
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
-        """Train a byte-level BPE (GPT-2 style) on a stream of texts, EOT included in `vocab_size`."""
+        """Train a byte-level BPE (GPT-2 style) on a stream of texts, EOT included in `vocab_size`.
+
+        The trainer's time grows steeply with the length of a word, and a megabyte
+        without a space is one word (the trainer took minutes over one); so very long
+        runs without whitespace are cut first (see `training_chunks`).
+        """
         tok = _byte_level(models.BPE())
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -72,7 +80,7 @@ class Tokenizer:
             special_tokens=[EOT],
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator((chunk for text in texts for chunk in training_chunks(text)), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -165,6 +173,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+def training_chunks(text: str) -> Iterator[str]:
+    """`text` as the BPE trainer is fed it: whole, except that a run of more than TRAIN_RUN_CHARS characters
+    without whitespace is cut every TRAIN_RUN_CHARS characters. Text without such a run (source code and
+    prose, the built-in corpus included) is untouched, so it trains exactly the same vocabulary."""
+    start = 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + TRAIN_RUN_CHARS, run.end(), TRAIN_RUN_CHARS):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
 
 
 def _is_special(tok: tokenizers.Tokenizer, token_id: int) -> bool:
