@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from gptforge.evaluate.generate import generate
+    from gptforge.evaluate.generate import generate, prompt_ids
     from gptforge.evaluate.safety import safety_from_args
     from gptforge.runs import load_run
     from gptforge.runtime import pick_device
@@ -57,7 +57,7 @@ def _sample(args: argparse.Namespace) -> int:
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn a prompt into tokens")
     tok = run.tokenizer
-    ids = [tok.eot_id] + tok.encode(args.prompt)
+    ids = prompt_ids(tok, args.prompt, eot_prefix=not args.no_eot_prefix)
     for i in range(args.num_samples):
         new = generate(
             run.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -204,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=tune.run_tune)
 
     p = sub.add_parser("sample", help="generate text from a trained run", formatter_class=raw,
-                       description="Generate text with a KV cache from a run directory or checkpoint folder.")
+                       description="Generate text with a KV cache from a run directory or checkpoint folder.\n\n"
+                       "An end-of-text token goes before the prompt, so the prompt reads as the start of a "
+                       "document (training\ndocuments are joined by end-of-text, so each began right after "
+                       "one). Hugging Face transformers'\ngenerate feeds the prompt alone; --no-eot-prefix does "
+                       "the same, and greedy output then matches it.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
@@ -214,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--no-eot-prefix", action="store_true",
+                   help="start from the prompt's tokens alone, as transformers' generate does (default: an "
+                   "end-of-text token first, marking the start of a document; needs a --prompt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     from gptforge.evaluate.safety import add_safety_arguments
 

@@ -250,3 +250,36 @@ def test_import_refuses_weights_that_are_not_plain_numbers(transformers, tmp_pat
     with pytest.raises(GptforgeError, match=words.replace(".", r"\.")):
         import_hf(hf_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("eot_prefix", [False, True])
+def test_greedy_sample_matches_transformers_generate(transformers, tokenizer, tmp_path, capsys, eot_prefix):
+    """`sample --no-eot-prefix` feeds the prompt alone, as `generate` does; by default an end-of-text token
+    goes first, and `generate` given the same ids agrees again."""
+    from gptforge.cli import main
+
+    hf = _hf_folder(transformers, tmp_path / "hf", tokenizer)
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    prompt = "def parse(text):\n"
+    ids = tokenizer.encode(prompt)
+    if eot_prefix:
+        ids = [tokenizer.eot_id, *ids]
+    hf.generation_config.eos_token_id = None  # run the full length, as --no-stop does
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = prompt + tokenizer.decode(out[0, len(ids):].tolist())
+    argv = ["sample", str(tmp_path / "run"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+            "--no-stop", "--safety", "off"] + ([] if eot_prefix else ["--no-eot-prefix"])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_no_eot_prefix_needs_a_prompt(transformers, tokenizer, tmp_path, capsys):
+    from gptforge.cli import main
+
+    _hf_folder(transformers, tmp_path / "hf", tokenizer)
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    assert main(["sample", str(tmp_path / "run"), "--no-eot-prefix"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-eot-prefix needs a non-empty --prompt" in err and "Traceback" not in err

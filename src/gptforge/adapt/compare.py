@@ -23,7 +23,7 @@ from gptforge.adapt.qlinear import QuantLinear, linear_bytes
 from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.data.loader import val_batches
 from gptforge.errors import GptforgeError
-from gptforge.evaluate.generate import generate
+from gptforge.evaluate.generate import generate, prompt_ids
 from gptforge.evaluate.loss import evaluate
 from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
@@ -91,7 +91,7 @@ def _check_data(run: LoadedRun, data: DataDir, path) -> None:
 def _tokens_per_s(run: LoadedRun, tokens: int, device: torch.device, repeats: int = 3) -> float:
     """Greedy decoding speed with a KV cache on a fixed prompt, after a warm-up of 8 tokens: the best of
     `repeats` runs, so that other work on a shared machine disturbs the figure less."""
-    ids = [run.tokenizer.eot_id] + run.tokenizer.encode(PROMPT) if run.tokenizer is not None else [0]
+    ids = prompt_ids(run.tokenizer, PROMPT) if run.tokenizer is not None else [0]
     generate(run.model, ids, 8, temperature=0)
     best = float("inf")
     for _ in range(repeats):

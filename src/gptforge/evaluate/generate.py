@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, KVCache
 
 
@@ -105,6 +106,22 @@ def generate(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: i
                        seed=seed, eot_id=eot_id, use_cache=use_cache))
 
 
+def prompt_ids(tokenizer, prompt: str, eot_prefix: bool = True) -> list[int]:
+    """The token ids generation starts from: by default an end-of-text token, then the prompt's tokens.
+
+    gptforge joins training documents with end-of-text, so every document a model has seen began right
+    after one; with it in front, the prompt reads as the start of a document (and an empty prompt asks for
+    a new document). Without it (`eot_prefix=False`, `sample --no-eot-prefix`) the model sees the prompt's
+    tokens alone, as Hugging Face transformers' `generate` does, and greedy output matches it token for token.
+    """
+    ids = tokenizer.encode(prompt)
+    if eot_prefix:
+        return [tokenizer.eot_id, *ids]
+    if not ids:
+        raise GptforgeError("--no-eot-prefix needs a non-empty --prompt: there is nothing else to start from")
+    return ids
+
+
 def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, prompt: str = "") -> list[str]:
     """Unconditional samples (each starts right after an end-of-text token) or continuations of `prompt`,
     through the default output safety filter (masking)."""
@@ -113,7 +130,7 @@ def sample_texts(model: GPT, tokenizer, n: int, max_new_tokens: int, seed: int, 
     safety = SafetyFilter.from_file()
     was_training = model.training
     model.eval()
-    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    ids = prompt_ids(tokenizer, prompt)
     texts = []
     for i in range(n):
         new = generate(model, ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed + i, eot_id=tokenizer.eot_id)

@@ -25,6 +25,7 @@ import torch
 
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import GptforgeError
+from gptforge.evaluate.generate import prompt_ids
 from gptforge.model.gpt import GPT, CausalSelfAttention, apply_rotary
 
 
@@ -55,7 +56,7 @@ def inspect_run(model: GPT, tokenizer: Tokenizer, prompt: str, *, top_k: int = 5
     then block 0 ... block N-1) the top_k tokens with probabilities at every position; prediction: the
     model's top next token; attributions: one value per input token.
     """
-    ids = [tokenizer.eot_id, *tokenizer.encode(prompt)]
+    ids = prompt_ids(tokenizer, prompt)
     if len(ids) > model.config.block_size:
         raise GptforgeError(f"the prompt is {len(ids) - 1} tokens; the model's context holds "
                             f"{model.config.block_size - 1} after the end-of-text token")
