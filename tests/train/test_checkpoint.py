@@ -188,6 +188,27 @@ def test_a_listed_sharded_metadata_pickle_cannot_run_code(tmp_path):
     assert not Payload.marker.exists()
 
 
+def test_non_tensor_values_of_a_sharded_checkpoint_are_read_weights_only(tmp_path):
+    """torch's own planner reads a sharded checkpoint's non-tensor values with a full unpickle; gptforge's
+    refuses a payload there, and nothing runs."""
+    import io
+
+    from gptforge.parallel.distribute import weights_only_planner
+
+    Payload.marker = tmp_path / "pwned"
+    planner = weights_only_planner()
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(Payload())))
+    assert not Payload.marker.exists()
+    buffer = io.BytesIO()
+    torch.save({"lr": 0.01, "betas": (0.9, 0.95), "names": ["a"]}, buffer)  # what an optimizer stores
+    buffer.seek(0)
+    planner.flatten_state_dict, planner.state_dict = False, {}
+    read_item = type("ReadItem", (), {"dest_index": type("Index", (), {"fqn": "optim.param_groups"})()})()
+    planner.load_bytes(read_item, buffer)
+    assert planner.state_dict == {"optim.param_groups": {"lr": 0.01, "betas": (0.9, 0.95), "names": ["a"]}}
+
+
 def test_shardedness_comes_from_the_manifest_not_the_folder(tmp_path):
     path, _, _ = _save(tmp_path, 1)
     assert not checkpoint.is_sharded(path)

@@ -253,12 +253,32 @@ def metadata_reader(path: Path):
     return Reader(str(path))
 
 
+def weights_only_planner():
+    """torch's DefaultLoadPlanner, except that a checkpoint's non-tensor values (optimizer hyperparameters,
+    stored by DCP as torch.save bytes) are read with `torch.load(weights_only=True)`: torch's own planner
+    reads them with `weights_only=False`, a full unpickle that would run a payload placed there."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return Planner()
+
+
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
     """Read a sharded checkpoint into a model sharded in any way, or not at all: DCP reshards N -> M.
 
     Its .metadata file is a pickle. It is read by MetadataReader, which builds nothing but torch's
     checkpoint-metadata classes, after the caller has checked the file against the checkpoint's manifest.
-    The shards themselves torch reads with torch.load(weights_only=True).
+    The shards are torch.save data: tensors torch reads with torch.load(weights_only=True), and the
+    non-tensor values `weights_only_planner` reads the same way (torch's restricted unpickler, which builds
+    tensors and plain containers only), after the manifest has verified every file.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # how torch reports the reader's errors
@@ -269,8 +289,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
     with warnings.catch_warnings():  # one process without a group is the intended use here, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.load(state, storage_reader=metadata_reader(path), no_dist=not dist.is_initialized())
-        except (CheckpointException, AssertionError, RuntimeError, ValueError, CheckpointError) as e:
+            dcp.load(state, storage_reader=metadata_reader(path), planner=weights_only_planner(),
+                     no_dist=not dist.is_initialized())
+        except (CheckpointException, AssertionError, RuntimeError, ValueError, CheckpointError,
+                pickle.UnpicklingError) as e:
             failure = next(iter((getattr(e, "failures", None) or {}).values()), e)  # per rank: (error, trace)
             failure = failure[0] if isinstance(failure, tuple) else failure
             reason = (str(failure).strip().splitlines() or [type(failure).__name__])[-1]
