@@ -22,14 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from gptforge.observe.hardware import device_name
+
 TARGET_MB = 1000
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def write_line(path: Path, size: int, spaces: bool, seed: int = 0) -> None:
@@ -87,8 +84,7 @@ def main() -> int:
         "command": " ".join(["python", "benchmarks/prepare_memory.py", *sys.argv[1:]]),
         "line_mb": args.mb,
         "target_peak_rss_mb": TARGET_MB,
-        "cpu": cpu_name(),
-        "cpus": os.cpu_count(),
+        "device": device_name(torch.device("cpu")),
         "python": platform.python_version(),
         "results": results,
     }

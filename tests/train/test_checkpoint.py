@@ -196,9 +196,12 @@ def test_non_tensor_values_of_a_sharded_checkpoint_are_read_weights_only(tmp_pat
     from gptforge.parallel.distribute import weights_only_planner
 
     Payload.marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save(Payload(), evil)  # as DCP stores a non-tensor value; torch's DefaultLoadPlanner runs it
+    evil.seek(0)
     planner = weights_only_planner()
     with pytest.raises(pickle.UnpicklingError):
-        planner.load_bytes(None, io.BytesIO(pickle.dumps(Payload())))
+        planner.load_bytes(None, evil)
     assert not Payload.marker.exists()
     buffer = io.BytesIO()
     torch.save({"lr": 0.01, "betas": (0.9, 0.95), "names": ["a"]}, buffer)  # what an optimizer stores
