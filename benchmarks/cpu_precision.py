@@ -9,7 +9,6 @@ Writes benchmarks/results/cpu_precision.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

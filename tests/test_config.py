@@ -123,16 +123,29 @@ def _fields_with_choices(cls, prefix):
             yield f"{prefix}{f.name}", choices_of(f)
 
 
-def test_model_choices_come_from_the_model_registries(monkeypatch):
+def test_the_config_names_exactly_the_variants_the_registries_build(monkeypatch):
     from gptforge.model import gpt
+    from gptforge.train.optim import OPTIMIZERS
 
     assert choices_of(_field(Config, "model", "mlp")) == tuple(gpt.MLPS)
+    assert choices_of(_field(Config, "model", "norm")) == tuple(gpt.NORMS)
     assert choices_of(_field(Config, "model", "pos")) == tuple(gpt.POSITIONS)
-    monkeypatch.setitem(model_registry.ARCHITECTURES, "other", gpt.GPT)
+    assert choices_of(_field(Config, "optim", "name")) == tuple(OPTIMIZERS)
+    monkeypatch.setitem(model_registry.ARCHITECTURES, "other", "gptforge.model.gpt:GPT")
     assert load_config(None, ["model.arch=other"]).model.arch == "other"
     assert "[gpt|other]" in keys_help()
     with pytest.raises(ConfigError, match="model.arch: 'gtp' is not one of: gpt, other. Did you mean gpt"):
         load_config(None, ["model.arch=gtp"])
+
+
+def test_a_variant_named_on_one_side_only_is_refused(monkeypatch):
+    from gptforge.model import config as names
+    from gptforge.model import gpt
+
+    gpt.check_registries()
+    monkeypatch.setattr(names, "MLPS", (*names.MLPS, "geglu"))
+    with pytest.raises(ImportError, match="model/config.py names gelu, gelu_exact, relu2, swiglu, geglu"):
+        gpt.check_registries()
 
 
 def _field(cls, section, name):
@@ -142,7 +155,9 @@ def _field(cls, section, name):
 
 def test_build_model_builds_the_class_arch_names():
     cfg = load_config(None, ["model.preset=tiny"])
-    assert type(model_registry.build_model(cfg.model)) is model_registry.GPT
+    from gptforge.model.gpt import GPT
+
+    assert type(model_registry.build_model(cfg.model)) is GPT
     with pytest.raises(ValueError, match="model.arch"):
         model_registry.build_model(dataclasses.replace(cfg.model, arch="nope"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ Train, adapt, compress, check and serve GPT models.
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
+  gptforge runs [DIR] [--json]                 the runs under a folder: state, step, losses, size
   gptforge bench [key=value] [--nproc N]       time the training step; scaling across processes
   gptforge bench --ablate [key=value]          climb the speed ladder one switch at a time
   gptforge doctor [--quick] [--json FILE]      what this machine can do, measured; recommended settings
@@ -36,9 +38,10 @@ Run `gptforge SUBCOMMAND --help` for every option.
 
 def _train(args: argparse.Namespace) -> int:
     from gptforge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a mistake is reported before torch is imported
     from gptforge.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     try:
         train(cfg)
     except KeyboardInterrupt:
@@ -116,7 +119,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from gptforge.bench.step import bench, print_record, write_json
     from gptforge.config import load_config
 
     if args.steps is None:  # the ladder runs many rungs: shorter defaults
@@ -138,9 +140,14 @@ def _bench(args: argparse.Namespace) -> int:
         report = scaling(args.overrides, args.nproc, args.steps, args.warmup)
         print_scaling(report)
         if args.json:
+            from gptforge.bench.step import write_json
+
             write_json(report, args.json)
         return 0
-    record = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    cfg = load_config(args.config, args.overrides)
+    from gptforge.bench.step import bench, print_record, write_json
+
+    record = bench(cfg, steps=args.steps, warmup=args.warmup)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, every process holds the same record
         print_record(record)
         if args.json:
@@ -165,51 +172,89 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gptforge.config import keys_help
-    from gptforge.data.prepare import add_prepare_arguments
+# Every subcommand's arguments are declared below and its function is named as "module:function", imported
+# only when that subcommand runs: building the parser imports neither torch nor any module that does, so
+# `--help`, a usage error and a config error answer at once.
 
-    parser = argparse.ArgumentParser(prog="gptforge", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    raw = argparse.RawDescriptionHelpFormatter
+RUN_DIR_HELP = "run directory (newest intact checkpoint) or a checkpoint folder"
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default: auto)"
+CONFIG_HELP = "YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)"
+SAME_KEYS = "Takes the same config keys as train (see gptforge train --help)."
 
-    p = sub.add_parser("prepare", help="tokenize text, JSONL or Parquet into token shards", formatter_class=raw,
-                       description="Tokenize files, folders and globs into llm.c-format token shards with a manifest.")
-    add_prepare_arguments(p)
-    p.set_defaults(func=None)
 
-    p = sub.add_parser("train", help="train or resume a GPT", formatter_class=raw, epilog=keys_help(),
-                       description="Train a GPT. With no data.dir, trains on the built-in corpus (the Python standard "
-                       "library's source). A run.dir holding checkpoints is resumed from its newest intact one.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+
+
+def _safety_arguments(p: argparse.ArgumentParser) -> None:
+    """`--safety` and `--safety-lists` (evaluate/safety.py), for a subcommand that prints generated text."""
+    p.add_argument("--safety", choices=("mask", "block", "off"), default="mask",
+                   help="output filter: mask matched words, patterns and secrets as [masked:<category>], "
+                   "block (withhold the whole output), or off (default: mask)")
+    p.add_argument("--safety-lists", metavar="FILE",
+                   help="YAML word lists and patterns per category, replacing the shipped modest ones "
+                   "(layout: gptforge/evaluate/safety_lists.yaml)")
+
+
+def _prepare_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything "
+                   "else is UTF-8 text, one document per file (default: the Python standard library's source)")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder to create with the shards")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="'bpe' (trained on the inputs), 'bytes', or a tokenizer.json / Hugging Face tokenizer folder")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
+    p.add_argument("--text-field", default="text", help="JSONL key holding the text")
+    p.add_argument("--text-column", default="text", help="Parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of documents held out for validation, chosen by a hash of each document")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file")
+    p.add_argument("--dedup", choices=("exact", "near", "none"), default="exact",
+                   help="drop repeated documents: 'exact' (same text up to whitespace; the default), 'near' (also "
+                   "MinHash/LSH near-duplicates; needs pip install gptforge[curate]) or 'none'")
+    p.add_argument("--near-dup-threshold", type=float, default=0.85, metavar="JACCARD",
+                   help="--dedup near: Jaccard similarity of word 5-grams the LSH index is tuned to (default: 0.85)")
+    p.add_argument("--blocklist", metavar="FILE",
+                   help="drop documents containing any term or phrase of FILE (one per line, whole words, any "
+                   "case; # comments)")
+    p.add_argument("--scrub-pii", action="store_true",
+                   help="replace e-mail addresses, phone numbers and secrets (API keys, tokens, private keys, "
+                   "passwords) with <EMAIL>, <PHONE>, <SECRET>. Off by default: it rewrites the text the model "
+                   "learns from")
+    p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print one line at the end")
+    p.set_defaults(func="gptforge.data.prepare:run_prepare")
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layer=4 train.max_steps=200")
     p.set_defaults(func=_train)
 
-    from gptforge import tune
-    from gptforge.train import lr_find
 
-    p = sub.add_parser("lr-find", help="learning-rate range test: a suggested optim.lr", formatter_class=raw,
-                       epilog="Takes the same config keys as train (see gptforge train --help).",
-                       description="Train a fresh model for --steps steps while the learning rate grows "
-                       "exponentially from --min-lr to --max-lr; stop once the smoothed loss diverges (4x its "
-                       "best). Suggests optim.lr: the rate of steepest descent and a conservative one (a tenth "
-                       "of the rate at the lowest loss). Writes lr_find.json and, with matplotlib, lr_find.png.")
-    lr_find.add_lr_find_arguments(p)
-    p.set_defaults(func=lr_find.run_lr_find)
+def _lr_find_parser(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--min-lr", type=float, default=1e-5, metavar="LR", help="first learning rate of the sweep (default: 1e-5)")
+    p.add_argument("--max-lr", type=float, default=10.0, metavar="LR", help="last learning rate of the sweep (default: 10)")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep (default: 100)")
+    p.add_argument("--out", metavar="DIR", help="folder for lr_find.json and lr_find.png (default: run.dir)")
+    p.set_defaults(func="gptforge.train.lr_find:run_lr_find")
 
-    p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, with pruning)", formatter_class=raw,
-                       description=tune.TUNE_HELP, epilog="Takes the same config keys as train (see gptforge train --help).")
-    tune.add_tune_arguments(p)
-    p.set_defaults(func=tune.run_tune)
 
-    p = sub.add_parser("sample", help="generate text from a trained run", formatter_class=raw,
-                       description="Generate text with a KV cache from a run directory or checkpoint folder.\n\n"
-                       "An end-of-text token goes before the prompt, so the prompt reads as the start of a "
-                       "document (training\ndocuments are joined by end-of-text, so each began right after "
-                       "one). Hugging Face transformers'\ngenerate feeds the prompt alone; --no-eot-prefix does "
-                       "the same, and greedy output then matches it.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
+def _tune_parser(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="total trials in the study (a resumed study runs only the missing ones)")
+    p.add_argument("--study-dir", metavar="DIR", default="runs/tune",
+                   help="folder of the study: study.db, trials/, results.json, best.yaml (default: runs/tune)")
+    p.add_argument("--space", metavar="FILE", help="YAML search space replacing the default one (see above)")
+    p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds (a running trial finishes)")
+    p.set_defaults(func="gptforge.tune:run_tune")
+
+
+def _sample_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default: 0.8)")
@@ -221,42 +266,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eot-prefix", action="store_true",
                    help="start from the prompt's tokens alone, as transformers' generate does (default: an "
                    "end-of-text token first, marking the start of a document; needs a --prompt)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    from gptforge.evaluate.safety import add_safety_arguments
-
-    add_safety_arguments(p)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _safety_arguments(p)
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=raw,
-                       description="Evaluate a run on a validation split: its own data, or --data DIR.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
+
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's own data)")
     p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the run's eval.tokens)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's train.batch_size)")
     p.add_argument("--precision", default="auto", help="auto, fp32, tf32, bf16 or fp16 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object: val_loss, val_bpb, perplexity, ...")
-    from gptforge.evaluate.bias import add_bias_arguments
-
-    add_bias_arguments(p)
+    p.add_argument("--bias", action="store_true",
+                   help="counterfactual bias probe instead of the validation loss: per attribute, the gap in "
+                   "mean log-likelihood per token between groups put into the same sentences")
+    p.add_argument("--templates", metavar="FILE",
+                   help="--bias template set: YAML {attributes: {name: {groups: [...], templates: [...]}}} or "
+                   'JSONL lines {"attribute", "groups", "template"}; each template has one {group} slot '
+                   "(default: the shipped set)")
+    p.add_argument("--n-boot", type=int, default=1000, help="--bias bootstrap resamples (default: 1000)")
     p.set_defaults(func=_eval)
 
-    from gptforge.evaluate import interpret
 
-    p = sub.add_parser("inspect", help="attention maps, logit lens and token attributions for a prompt",
-                       formatter_class=raw, description="Look inside a trained model on one prompt: attention "
-                       "maps per layer and head (PNG), the logit lens (top tokens after each layer) and token "
-                       "attributions (gradient x input).")
-    interpret.add_inspect_arguments(p)
-    p.set_defaults(func=interpret.run_inspect)
+def _inspect_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--prompt", required=True, help="text to inspect (read after the end-of-text token)")
+    p.add_argument("--out", metavar="DIR",
+                   help="also write attention maps (one PNG per layer, needs matplotlib) and inspect.json "
+                   "(logit lens at every position, attributions) to DIR")
+    p.add_argument("--top-k", type=int, default=5, help="tokens per position in the logit lens (default: 5)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func="gptforge.evaluate.interpret:run_inspect")
 
-    p = sub.add_parser("bench", help="time the real training step; --nproc N for a scaling report", formatter_class=raw,
-                       epilog="Takes the same config keys as train (see gptforge train --help).",
-                       description="Time the training step (data, forward, backward, optimizer) after a warm-up: "
-                       "tokens/s, MFU, peak memory, data wait. With --nproc N, runs 1 and N processes and reports "
-                       "scaling efficiency and the time spent communicating.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+
+def _report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holds metrics.jsonl)")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func="gptforge.observe.report:run_report")
+
+
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 10; 5 with --ablate)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3; 2 with --ablate)")
     p.add_argument("--nproc", type=int, default=0, help="compare 1 process with N processes (torchrun, same host)")
@@ -268,53 +320,144 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="FILE", help="--ablate: the chart (default: the --json path with .png)")
     p.set_defaults(func=_bench)
 
-    from gptforge.observe import doctor
 
-    p = sub.add_parser("doctor", help="what this machine can do, measured; recommended settings", formatter_class=raw,
-                       description="Devices, bf16 / fp8 / compile / Triton / NCCL support, measured matmul and copy "
-                       "rates, then the config settings that suit this machine, each with its reason.")
-    doctor.add_doctor_arguments(p)
-    p.set_defaults(func=doctor.run_doctor)
+def _doctor_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="skip the slow probes (torch.compile, a Triton kernel, a training step) and shorten the timings")
+    p.add_argument("--json", metavar="FILE", help="write every fact, measurement and recommendation as JSON")
+    p.set_defaults(func="gptforge.observe.doctor:run_doctor")
 
-    from gptforge.observe import report
 
-    p = sub.add_parser("report", help="one self-contained HTML page of a run", formatter_class=raw,
-                       description="Write RUN_DIR/report.html: loss, learning rate, gradient norm, throughput, MFU, "
-                       "memory, guard events, samples, config and environment, plots inline.")
-    report.add_report_arguments(p)
-    p.set_defaults(func=report.run_report)
+def _quantize_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--method", required=True, metavar="{int8,int4}",
+                   help="int8: per-channel symmetric; int4: grouped asymmetric, two weights per byte")
+    p.add_argument("--out", required=True, metavar="DIR", help="the quantized run to write")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="int4 only: input weights sharing a scale and zero point; must divide every "
+                   "layer's in_features (default: 64)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func="gptforge.adapt.quantize:run_quantize")
 
-    from gptforge.adapt import compare, prune, quantize
 
-    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a run", formatter_class=raw,
-                       description="Quantize the linear layers of a run's newest checkpoint (weight-only int8 per "
-                       "channel, or int4 per group); the output loads, samples and evaluates like any run.")
-    quantize.add_quantize_arguments(p)
-    p.set_defaults(func=quantize.run_quantize)
-    p = sub.add_parser("prune", help="magnitude pruning (unstructured or 2:4), optional recovery", formatter_class=raw,
-                       description="Prune a run's linear weights by magnitude; --recover-steps N fine-tunes with the "
-                       "zeros kept, through the same training loop.")
-    prune.add_prune_arguments(p)
-    p.set_defaults(func=prune.run_prune)
-    p = sub.add_parser("compare", help="one table of a run and its variants", formatter_class=raw,
-                       description="Size on disk, parameters, val loss and bits per byte on the same split, "
-                       "generation tokens/s and memory for each run or variant.")
-    compare.add_compare_arguments(p)
-    p.set_defaults(func=compare.run_compare)
+def _prune_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of each layer's weights set to zero, in [0, 1) (default: 0.5; 2:4 needs 0.5)")
+    p.add_argument("--pattern", default="unstructured", metavar="{unstructured,2:4}",
+                   help="unstructured: smallest |w| per layer; 2:4: 2 smallest of every 4 inputs (default: unstructured)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the pruned run to write")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="fine-tune this many steps afterwards, keeping the zeros (default: 0, no recovery)")
+    p.add_argument("--data", metavar="DIR", help="prepared data for the recovery (default: the run's own data)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func="gptforge.adapt.prune:run_prune")
 
-    from gptforge.adapt import hf
 
-    p = sub.add_parser("import-hf", help="import a Hugging Face GPT-2-family folder", formatter_class=raw,
-                       description="Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, "
-                       "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
-    hf.add_import_arguments(p)
-    p.set_defaults(func=hf.run_import)
-    p = sub.add_parser("export-hf", help="export a run as a Hugging Face GPT-2 folder", formatter_class=raw,
-                       description="Write a run (GPT-2 architecture) as a folder that transformers loads; "
-                       "LoRA adapters are merged first.")
-    hf.add_export_arguments(p)
-    p.set_defaults(func=hf.run_export)
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="the reference run first, then its variants (run directories or checkpoint folders)")
+    p.add_argument("--data", metavar="DIR", help="prepared data to evaluate on (default: the first run's data)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens to generate for the speed figure (default: 128)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the first run's eval.tokens)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of the table")
+    p.add_argument("--png", metavar="FILE", help="also write bar charts to FILE (needs matplotlib)")
+    p.set_defaults(func="gptforge.adapt.compare:run_compare")
+
+
+def _import_hf_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face GPT-2 folder: config.json and safetensors weights")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
+    p.set_defaults(func="gptforge.adapt.hf:run_import")
+
+
+def _export_hf_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="Hugging Face folder to create")
+    p.add_argument("--force", action="store_true", help="replace HF_DIR if it exists")
+    p.set_defaults(func="gptforge.adapt.hf:run_export")
+
+
+def _runs_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="folder to look in, recursively (default: runs)")
+    p.add_argument("--json", action="store_true", help="print a JSON list with one object per run")
+    p.set_defaults(func="gptforge.observe.runlist:run_runs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptforge.config import keys_help
+    from gptforge.tune import TUNE_HELP
+
+    parser = argparse.ArgumentParser(prog="gptforge", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    def command(name: str, build, help: str, description: str, epilog: str | None = None) -> None:
+        build(sub.add_parser(name, help=help, description=description, epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    command("prepare", _prepare_parser, "tokenize text, JSONL or Parquet into token shards",
+            "Tokenize files, folders and globs into llm.c-format token shards with a manifest.")
+    command("train", _train_parser, "train or resume a GPT",
+            "Train a GPT. With no data.dir, trains on the built-in corpus (the Python standard library's "
+            "source). A run.dir holding checkpoints is resumed from its newest intact one.", epilog=keys_help())
+    command("lr-find", _lr_find_parser, "learning-rate range test: a suggested optim.lr",
+            "Train a fresh model for --steps steps while the learning rate grows exponentially from --min-lr to "
+            "--max-lr; stop once the smoothed loss diverges (4x its best). Suggests optim.lr: the rate of "
+            "steepest descent and a conservative one (a tenth of the rate at the lowest loss). Writes "
+            "lr_find.json and, with matplotlib, lr_find.png.", epilog=SAME_KEYS)
+    command("tune", _tune_parser, "hyperparameter search with Optuna (resumable, with pruning)", TUNE_HELP,
+            epilog=SAME_KEYS)
+    command("sample", _sample_parser, "generate text from a trained run",
+            "Generate text with a KV cache from a run directory or checkpoint folder.\n\n"
+            "An end-of-text token goes before the prompt, so the prompt reads as the start of a document "
+            "(training\ndocuments are joined by end-of-text, so each began right after one). Hugging Face "
+            "transformers'\ngenerate feeds the prompt alone; --no-eot-prefix does the same, and greedy output "
+            "then matches it.")
+    command("eval", _eval_parser, "validation loss, bits per byte, perplexity",
+            "Evaluate a run on a validation split: its own data, or --data DIR.")
+    command("inspect", _inspect_parser, "attention maps, logit lens and token attributions for a prompt",
+            "Look inside a trained model on one prompt: attention maps per layer and head (PNG), the logit lens "
+            "(top tokens after each layer) and token attributions (gradient x input).")
+    command("bench", _bench_parser, "time the real training step; --nproc N for a scaling report",
+            "Time the training step (data, forward, backward, optimizer) after a warm-up: tokens/s, MFU, peak "
+            "memory, data wait. With --nproc N, runs 1 and N processes and reports scaling efficiency and the "
+            "time spent communicating.", epilog=SAME_KEYS)
+    command("doctor", _doctor_parser, "what this machine can do, measured; recommended settings",
+            "Devices, bf16 / fp8 / compile / Triton / NCCL support, measured matmul and copy rates, then the "
+            "config settings that suit this machine, each with its reason.")
+    command("report", _report_parser, "one self-contained HTML page of a run",
+            "Write RUN_DIR/report.html: loss, learning rate, gradient norm, throughput, MFU, memory, guard "
+            "events, samples, config and environment, plots inline.")
+    command("runs", _runs_parser, "the runs under a folder: state, step, losses, tokens, time, size",
+            "List the runs under DIR (default: runs), each with its state (running, finished, stopped early, "
+            "stopped, interrupted, weights only), step, best and last validation loss, tokens, training time "
+            "and size on disk. Reads the run's files only: it answers at once, even while a run trains.")
+    command("quantize", _quantize_parser, "weight-only int8 / int4 quantization of a run",
+            "Quantize the linear layers of a run's newest checkpoint (weight-only int8 per channel, or int4 per "
+            "group); the output loads, samples and evaluates like any run.")
+    command("prune", _prune_parser, "magnitude pruning (unstructured or 2:4), optional recovery",
+            "Prune a run's linear weights by magnitude; --recover-steps N fine-tunes with the zeros kept, "
+            "through the same training loop.")
+    command("compare", _compare_parser, "one table of a run and its variants",
+            "Size on disk, parameters, val loss and bits per byte on the same split, generation tokens/s and "
+            "memory for each run or variant.")
+    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2-family folder",
+            "Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, tokenizer files) into a "
+            "gptforge run. Pickle-only folders are refused.")
+    command("export-hf", _export_hf_parser, "export a run as a Hugging Face GPT-2 folder",
+            "Write a run (GPT-2 architecture) as a folder that transformers loads; LoRA adapters are merged first.")
     return parser
+
+
+def command_function(func):
+    """A subcommand's function: a callable, or a "module:function" path imported now."""
+    if callable(func):
+        return func
+    module, _, name = func.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,11 +475,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "prepare":
-            from gptforge.data.prepare import run_prepare
-
-            return run_prepare(args)
-        return args.func(args)
+        return command_function(args.func)(args)
     except GptforgeError as e:
         print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ import yaml
 from gptforge import __version__
 from gptforge.config import Config, canonical_key, close_keys, describe_keys, from_dict, load_config, save_config
 from gptforge.errors import CheckpointError, ConfigError, DataError, GptforgeError
-from gptforge.observe.environment import command_line, git_sha
 
 STUDY_NAME = "gptforge"
 PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials have completed
@@ -416,6 +415,8 @@ def write_results(results: dict[str, Any], study_dir: Path, base: dict[str, Any]
     """results.json with the environment, and best.yaml: the whole config of the best trial."""
     import torch
 
+    from gptforge.observe.environment import command_line, git_sha
+
     record = {**results, "gptforge_version": __version__, "git_sha": git_sha(), "torch": torch.__version__,
               "command": command_line()}
     (study_dir / "results.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -437,18 +438,6 @@ def results_table(results: dict[str, Any]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    parser.add_argument("--trials", type=int, required=True, metavar="N",
-                        help="total trials in the study (a resumed study runs only the missing ones)")
-    parser.add_argument("--study-dir", metavar="DIR", default="runs/tune",
-                        help="folder of the study: study.db, trials/, results.json, best.yaml (default: runs/tune)")
-    parser.add_argument("--space", metavar="FILE", help="YAML search space replacing the default one (see above)")
-    parser.add_argument("--timeout", type=float, metavar="S",
-                        help="start no new trial after S seconds (a running trial finishes)")
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -8,12 +8,12 @@ import json
 import math
 
 import pytest
-
 from conftest import random_weights_run
 
-from gptforge.adapt.compare import FIELDS, add_compare_arguments, compare, run_compare
+from gptforge.adapt.compare import FIELDS, compare, run_compare
 from gptforge.adapt.prune import prune_run
 from gptforge.adapt.quantize import quantize_run
+from gptforge.cli import build_parser
 from gptforge.errors import GptforgeError
 
 quiet = dict(report=lambda m: None)
@@ -30,9 +30,7 @@ def variants(small_data, tmp_path_factory):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_compare_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["compare", *argv])
 
 
 def test_one_row_per_variant_with_every_field(variants):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 from pathlib import Path
@@ -12,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gptforge
-from gptforge.adapt.hf import add_export_arguments, add_import_arguments, export_hf, import_hf, run_export, run_import
+from gptforge.adapt.hf import export_hf, import_hf
+from gptforge.cli import main
 from gptforge.config import from_dict
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import GptforgeError
@@ -93,19 +93,17 @@ def test_sharded_import_and_export_on_the_command_line(transformers, tmp_path, c
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 1
 
-    def run(add_arguments, command, argv):
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        assert command(parser.parse_args(argv)) == 0
+    def run(argv):
+        assert main(argv) == 0
         return capsys.readouterr().out
 
-    printed = run(add_import_arguments, run_import, [str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    printed = run(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
     assert "2 x 64, 4 heads, context 64, vocab 300, tied head" in printed and "no tokenizer" in printed
     model, tok = gptforge.load(tmp_path / "run")
     assert tok is None
     assert (_gptforge_logits(model) - _hf_logits(hf)).abs().max() < 1e-4
 
-    printed = run(add_export_arguments, run_export, [str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    printed = run(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     assert "config.json, model.safetensors" in printed and "no tokenizer" in printed
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert (_hf_logits(back) - _hf_logits(hf)).abs().max() < 1e-4

@@ -1,7 +1,6 @@
 """Curation at prepare time: exact and near deduplication, the blocklist, PII scrubbing, and how each
 shows up in the split, the manifest and the summary."""
 
-import argparse
 import random
 import re
 import sys
@@ -11,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptforge.cli import build_parser
 from gptforge.data.curate import Blocklist, Deduplicator, scrub_pii
 from gptforge.data.datadir import load_data_dir
-from gptforge.data.prepare import add_prepare_arguments, is_val, prepare, run_prepare
+from gptforge.data.prepare import is_val, prepare, run_prepare
 from gptforge.data.shards import open_shard
 from gptforge.errors import ConfigError, DataError
 
@@ -274,9 +274,7 @@ def test_bad_curation_options_are_config_errors(tmp_path, options, message):
 def test_cli_deduplicates_by_default_and_summarizes_curation(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     write_docs(tmp_path / "in", ["same text", "same  text", "mail me: a@example.org", "other text"])
-    parser = argparse.ArgumentParser()
-    add_prepare_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer", "bytes",
+    args = build_parser().parse_args(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer", "bytes",
                               "--scrub-pii"])
     assert (args.dedup, args.near_dup_threshold, args.blocklist) == ("exact", 0.85, None)
     assert run_prepare(args) == 0

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptforge.cli import build_parser
 from gptforge.data import corpus
 from gptforge.data import prepare as prepare_module
 from gptforge.data.datadir import load_data_dir
 from gptforge.data.prepare import (
     OutputExistsError,
-    add_prepare_arguments,
     builtin_data_dir,
     is_val,
     prepare,
@@ -168,9 +168,7 @@ def test_nothing_usable_is_a_data_error_listing_the_skips(tmp_path):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_prepare_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["prepare", *argv])
 
 
 def test_cli_nothing_usable_exits_nonzero_without_traceback(tmp_path, capsys):

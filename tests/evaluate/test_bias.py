@@ -3,7 +3,6 @@ validated with messages that point at the mistake; scoring and the bootstrap are
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 
@@ -13,12 +12,21 @@ import torch
 import yaml
 
 import gptforge
+from gptforge.cli import build_parser
 from gptforge.config import load_config
 from gptforge.data.prepare import prepare
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import DataError
-from gptforge.evaluate.bias import (add_bias_arguments, bias_report, fill, load_templates, paired_bootstrap,
-                                    print_bias, run_bias, sentence_scores, summarise)
+from gptforge.evaluate.bias import (
+    bias_report,
+    fill,
+    load_templates,
+    paired_bootstrap,
+    print_bias,
+    run_bias,
+    sentence_scores,
+    summarise,
+)
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.loop import train
 
@@ -81,13 +89,7 @@ def test_run_bias_prints_json_for_a_jsonl_template_file(runs, tmp_path, capsys):
     lines = [json.dumps({"attribute": "gender", "groups": ["he", "she"], "template": t})
              for t in PROBE["gender"]["templates"]]
     (tmp_path / "probe.jsonl").write_text("\n".join(lines) + "\n")
-    parser = argparse.ArgumentParser()  # the options of `gptforge eval` that run_bias reads
-    parser.add_argument("run_dir")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--json", action="store_true")
-    add_bias_arguments(parser)
-    args = parser.parse_args([str(runs["biased"]), "--bias", "--templates", str(tmp_path / "probe.jsonl"),
+    args = build_parser().parse_args(["eval", str(runs["biased"]), "--device", "cpu", "--bias", "--templates", str(tmp_path / "probe.jsonl"),
                               "--n-boot", "200", "--json"])
 
     assert run_bias(args) == 0

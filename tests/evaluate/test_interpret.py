@@ -4,7 +4,6 @@ files and command-line output appear."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 
@@ -12,11 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from gptforge.cli import build_parser
 from gptforge.config import load_config
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import GptforgeError
-from gptforge.evaluate.interpret import (add_inspect_arguments, inspect_run, recompute_attention, run_inspect,
-                                         write_inspection)
+from gptforge.evaluate.interpret import (
+    inspect_run,
+    recompute_attention,
+    run_inspect,
+    write_inspection,
+)
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.checkpoint import save_weights
 
@@ -129,11 +133,9 @@ def test_run_inspect_prints_the_tables(tmp_path, capsys):
     tokenizer_file = tmp_path / "tokenizer.json"
     Tokenizer.bytes().save(tokenizer_file)
     save_weights(tmp_path / "run", GPT(cfg.model), cfg.to_dict(), tokenizer_file=tokenizer_file)
-    parser = argparse.ArgumentParser()
-    add_inspect_arguments(parser)
     out = tmp_path / "maps" if HAVE_MATPLOTLIB else None
 
-    args = parser.parse_args([str(tmp_path / "run"), "--prompt", "import os", "--top-k", "2", "--device", "cpu",
+    args = build_parser().parse_args(["inspect", str(tmp_path / "run"), "--prompt", "import os", "--top-k", "2", "--device", "cpu",
                               *(["--out", str(out)] if out else [])])
     assert run_inspect(args) == 0
 

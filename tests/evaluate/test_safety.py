@@ -3,12 +3,11 @@ and the classifier hook do what they say, counts add up, and bad list files are 
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
+from gptforge.cli import build_parser
 from gptforge.errors import DataError, GptforgeError
-from gptforge.evaluate.safety import SafetyFilter, add_safety_arguments, luhn, safety_from_args
+from gptforge.evaluate.safety import SafetyFilter, luhn, safety_from_args
 
 CAUGHT = {
     "profanity": ["Well, damn, that build failed again.", "This code is CRAP.", "Oh, piss   off."],
@@ -145,15 +144,15 @@ def test_own_lists_and_refusal(tmp_path):
 
 
 def test_command_line_arguments(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_safety_arguments(parser)
+    def parse(argv):
+        return build_parser().parse_args(["sample", "RUN", *argv])
 
-    assert safety_from_args(parser.parse_args([])).mode == "mask"
-    assert safety_from_args(parser.parse_args(["--safety", "block"])).mode == "block"
-    assert safety_from_args(parser.parse_args(["--safety", "off"])) is None
+    assert safety_from_args(parse([])).mode == "mask"
+    assert safety_from_args(parse(["--safety", "block"])).mode == "block"
+    assert safety_from_args(parse(["--safety", "off"])) is None
     with pytest.raises(DataError, match="nope.yaml: no such safety list file"):
-        safety_from_args(parser.parse_args(["--safety-lists", str(tmp_path / "nope.yaml")]))
+        safety_from_args(parse(["--safety-lists", str(tmp_path / "nope.yaml")]))
     with pytest.raises(GptforgeError, match="no effect with --safety off"):
-        safety_from_args(parser.parse_args(["--safety", "off", "--safety-lists", "x.yaml"]))
+        safety_from_args(parse(["--safety", "off", "--safety-lists", "x.yaml"]))
     with pytest.raises(GptforgeError, match="not one of mask, block"):
         SafetyFilter.from_file(mode="loud")

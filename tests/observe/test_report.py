@@ -1,7 +1,6 @@
 """`gptforge report`: the HTML page of a real (tiny) run, its plots, escaping, tolerance of missing and torn
 files, the command line, and how it renders in a headless browser."""
 
-import argparse
 import base64
 import json
 import re
@@ -14,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptforge.cli import build_parser
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
-from gptforge.observe.report import add_report_arguments, build_report, run_report, write_report
+from gptforge.observe.report import build_report, run_report, write_report
 from gptforge.train.loop import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,10 +119,8 @@ def test_report_shows_status_events_samples_config_and_environment(run_dir, page
 def test_write_report_and_the_command_line(run_dir, tmp_path, capsys):
     assert write_report(run_dir) == run_dir / "report.html"
     assert (run_dir / "report.html").read_text(encoding="utf-8").startswith("<!doctype html>")
-    parser = argparse.ArgumentParser()
-    add_report_arguments(parser)
     out = tmp_path / "reports" / "mine.html"
-    assert run_report(parser.parse_args([str(run_dir), "--out", str(out)])) == 0
+    assert run_report(build_parser().parse_args(["report", str(run_dir), "--out", str(out)])) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
 
 

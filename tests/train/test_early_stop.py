@@ -114,7 +114,8 @@ def test_a_stopped_run_stays_stopped(small_data, stalled, capsys):
     again = run(small_data, run_dir, "train.max_steps=60")
     assert again.step == result.step
     assert "stopped early" in capsys.readouterr().out
-    assert [r.get("event") for r in read_metrics(run_dir)[lines:]] == ["resume"]
+    assert [r.get("event") for r in read_metrics(run_dir)[lines:]] == ["resume", "finished"]
+    assert read_metrics(run_dir)[-1]["reason"] == "early_stop"
 
 
 def test_keep_best_off_and_patience_off(small_data, tmp_path):

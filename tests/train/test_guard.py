@@ -66,7 +66,7 @@ def run(data, run_dir, *extra):
 
 
 def events(run_dir):
-    return [(r["event"], r["step"]) for r in read_metrics(run_dir) if "event" in r and r["event"] != "resume"]
+    return [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") not in (None, "resume", "finished")]
 
 
 def test_injected_nan_and_spike_are_skipped(small_data, tmp_path):

@@ -114,7 +114,6 @@ def _tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-
 def _reset_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -172,18 +171,6 @@ def _pyplot():
     except ImportError:
         raise GptforgeError("--png needs matplotlib, which is not installed: pip install 'gptforge[plot]'") from None
     return plt
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="the reference run first, then its variants (run directories or checkpoint folders)")
-    parser.add_argument("--data", metavar="DIR", help="prepared data to evaluate on (default: the first run's data)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens to generate for the speed figure (default: 128)")
-    parser.add_argument("--eval-tokens", type=int, default=None,
-                        help="validation tokens (default: the first run's eval.tokens)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of the table")
-    parser.add_argument("--png", metavar="FILE", help="also write bar charts to FILE (needs matplotlib)")
 
 
 def run_compare(args: argparse.Namespace) -> int:

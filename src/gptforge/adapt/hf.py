@@ -338,13 +338,6 @@ def _write_json(path: Path, obj: dict) -> None:
 # Command line
 
 
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", metavar="HF_DIR",
-                        help="Hugging Face GPT-2 folder: config.json and safetensors weights")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    parser.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
-
-
 def run_import(args: argparse.Namespace) -> int:
     """`gptforge import-hf`: import, then say what was imported and whether a tokenizer came with it."""
     out = import_hf(args.hf_dir, args.out, force=args.force)
@@ -357,13 +350,6 @@ def run_import(args: argparse.Namespace) -> int:
         print(f"no tokenizer: {args.hf_dir} has no tokenizer.json or vocab.json + merges.txt; "
               "`gptforge sample` needs one")
     return 0
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="run directory (newest intact checkpoint) or a checkpoint folder")
-    parser.add_argument("--out", required=True, metavar="HF_DIR", help="Hugging Face folder to create")
-    parser.add_argument("--force", action="store_true", help="replace HF_DIR if it exists")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -142,20 +142,6 @@ def prune_run(run: str | Path, out: str | Path, sparsity: float, pattern: str, r
     return out
 
 
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
-    parser.add_argument("--sparsity", type=float, default=0.5,
-                        help="fraction of each layer's weights set to zero, in [0, 1) (default: 0.5; 2:4 needs 0.5)")
-    parser.add_argument("--pattern", default="unstructured", choices=PATTERNS,
-                        help="unstructured: smallest |w| per layer; 2:4: 2 smallest of every 4 inputs "
-                        "(default: unstructured)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the pruned run to write")
-    parser.add_argument("--recover-steps", type=int, default=0,
-                        help="fine-tune this many steps afterwards, keeping the zeros (default: 0, no recovery)")
-    parser.add_argument("--data", metavar="DIR", help="prepared data for the recovery (default: the run's own data)")
-    parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
-
-
 def run_prune(args: argparse.Namespace) -> int:
     prune_run(args.run_dir, args.out, args.sparsity, args.pattern, args.recover_steps, args.data, args.force)
     return 0

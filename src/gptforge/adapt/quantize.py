@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from gptforge.adapt.qlinear import METHODS, linear_bytes, quantize_model
+from gptforge.adapt.qlinear import linear_bytes, quantize_model
 from gptforge.errors import GptforgeError
 from gptforge.runs import check_output, load_run, output_config, source_info
 from gptforge.train.checkpoint import save_weights
@@ -39,17 +39,6 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
     report(f"wrote {out}: {method} on {len(spec['modules'])} linear layers; linear weights "
            f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / after:.2f}x smaller)")
     return out
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (newest intact checkpoint) or a checkpoint folder")
-    parser.add_argument("--method", required=True, choices=METHODS,
-                        help="int8: per-channel symmetric; int4: grouped asymmetric, two weights per byte")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the quantized run to write")
-    parser.add_argument("--group-size", type=int, default=64,
-                        help="int4 only: input weights sharing a scale and zero point; must divide every "
-                        "layer's in_features (default: 64)")
-    parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
 
 
 def run_quantize(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from gptforge.config.rules import validate
 from gptforge.config.sections import (PRESETS, Config, DataConfig, TrainConfig, choice_message, choices_of,
                                       problem_key)
 from gptforge.errors import ConfigError
-from gptforge.model.gpt import GPTConfig
+from gptforge.model.config import GPTConfig
 
 # The budget of a config that sets none of train.max_steps, train.max_tokens, train.max_time: five minutes.
 DEFAULT_MAX_TIME = 300.0

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from gptforge.errors import ConfigError
 from gptforge.model import ARCHITECTURES
-from gptforge.model.gpt import GPTConfig
+from gptforge.model.config import GPTConfig
 
 Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
@@ -147,14 +147,6 @@ class DataConfig:
         below_one(self, "aug_span_delete", "aug_token_noise", what="a probability")
 
 
-def _optimizers() -> dict:
-    """The optimizer registry (train/optim.py), read when the choices are needed: it imports torch, and
-    nothing of the config."""
-    from gptforge.train.optim import OPTIMIZERS
-
-    return OPTIMIZERS
-
-
 # Named shapes for model.preset; they set the shape and architecture, and any explicit model key still wins.
 _GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, block_size=1024,
              qk_norm=False, zero_init_proj=False)
@@ -243,7 +235,7 @@ class TrainConfig:
 class OptimConfig:
     KEY: ClassVar[str] = "optim"
 
-    name: str = choice("muon", lambda: tuple(_optimizers()))
+    name: str = choice("muon", ("adamw", "muon"))  # train/optim.py OPTIMIZERS builds each (tests check they agree)
     """adamw, or muon: Newton-Schulz-orthogonalized momentum for the 2-D hidden matrices, AdamW (optim.lr) for
     embeddings, head, norms and scalars."""
     lr: float = 3e-3

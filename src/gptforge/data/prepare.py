@@ -403,47 +403,6 @@ def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: b
 # ---------------------------------------------------------------- command line
 
 
-def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs", nargs="*", metavar="INPUT",
-        help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything else is "
-        "UTF-8 text, one document per file (default: the Python standard library's source)",
-    )
-    parser.add_argument("--out", required=True, metavar="DATA_DIR", help="folder to create with the shards")
-    parser.add_argument(
-        "--tokenizer", default="bpe",
-        help="'bpe' (trained on the inputs), 'bytes', or a tokenizer.json / Hugging Face tokenizer folder",
-    )
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
-    parser.add_argument("--text-field", default="text", help="JSONL key holding the text")
-    parser.add_argument("--text-column", default="text", help="Parquet column holding the text")
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.005,
-        help="share of documents held out for validation, chosen by a hash of each document",
-    )
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file")
-    parser.add_argument(
-        "--dedup", choices=DEDUP_MODES, default="exact",
-        help="drop repeated documents: 'exact' (same text up to whitespace; the default), 'near' (also "
-        "MinHash/LSH near-duplicates; needs pip install gptforge[curate]) or 'none'",
-    )
-    parser.add_argument(
-        "--near-dup-threshold", type=float, default=0.85, metavar="JACCARD",
-        help="--dedup near: Jaccard similarity of word 5-grams the LSH index is tuned to (default: 0.85)",
-    )
-    parser.add_argument(
-        "--blocklist", metavar="FILE",
-        help="drop documents containing any term or phrase of FILE (one per line, whole words, any case; # comments)",
-    )
-    parser.add_argument(
-        "--scrub-pii", action="store_true",
-        help="replace e-mail addresses, phone numbers and secrets (API keys, tokens, private keys, passwords) "
-        "with <EMAIL>, <PHONE>, <SECRET>. Off by default: it rewrites the text the model learns from",
-    )
-    parser.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar; print one line at the end")
-
-
 def run_prepare(args: argparse.Namespace) -> int:
     """`gptforge prepare`: prepare, then print the summary; errors become one line and exit code 2."""
     try:

@@ -228,18 +228,6 @@ def bias_report(model: GPT, tokenizer: Tokenizer, templates: Templates | None = 
 # Command line
 
 
-def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--bias`, `--templates` and `--n-boot` for `gptforge eval`."""
-    parser.add_argument("--bias", action="store_true",
-                        help="counterfactual bias probe instead of the validation loss: per attribute, the gap in "
-                        "mean log-likelihood per token between groups put into the same sentences")
-    parser.add_argument("--templates", metavar="FILE",
-                        help="--bias template set: YAML {attributes: {name: {groups: [...], templates: [...]}}} or "
-                        'JSONL lines {"attribute", "groups", "template"}; each template has one {group} slot '
-                        "(default: the shipped set)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="--bias bootstrap resamples (default: 1000)")
-
-
 def run_bias(args: argparse.Namespace) -> int:
     """`gptforge eval RUN_DIR --bias`: the report as a table, or as one JSON object with --json."""
     from gptforge.runs import load_run

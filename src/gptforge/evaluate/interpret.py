@@ -219,17 +219,6 @@ def print_inspection(result: dict) -> None:
 # Command line
 
 
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="run directory (newest intact checkpoint) or a checkpoint folder")
-    parser.add_argument("--prompt", required=True, help="text to inspect (read after the end-of-text token)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="also write attention maps (one PNG per layer, needs matplotlib) and inspect.json "
-                        "(logit lens at every position, attributions) to DIR")
-    parser.add_argument("--top-k", type=int, default=5, help="tokens per position in the logit lens (default: 5)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     """`gptforge inspect`: print the tables; with --out, write the maps and the JSON too."""
     from gptforge.runs import load_run

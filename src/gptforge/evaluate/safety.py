@@ -232,16 +232,6 @@ def _pattern_rule(category: str, entry, where: str) -> Rule:
 # Command line
 
 
-def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--safety` and `--safety-lists`, for a subcommand that prints generated text."""
-    parser.add_argument("--safety", choices=("mask", "block", "off"), default="mask",
-                        help="output filter: mask matched words, patterns and secrets as [masked:<category>], "
-                        "block (withhold the whole output), or off (default: mask)")
-    parser.add_argument("--safety-lists", metavar="FILE",
-                        help="YAML word lists and patterns per category, replacing the shipped modest ones "
-                        "(layout: gptforge/evaluate/safety_lists.yaml)")
-
-
 def safety_from_args(args: argparse.Namespace) -> SafetyFilter | None:
     """The filter the arguments ask for; None for --safety off."""
     if args.safety == "off":

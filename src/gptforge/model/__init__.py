@@ -1,21 +1,27 @@
 """Model architectures by name: `model.arch` picks a class from ARCHITECTURES, and build_model builds it.
 
-Nothing in this package imports the rest of gptforge: the config imports the model, not the reverse.
+ARCHITECTURES holds "module:Class" paths, imported when a model is built, so that the config can list and
+check the names without importing torch. Nothing in this package imports the rest of gptforge: the config
+imports the model, not the reverse.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import Any
 
-from gptforge.model.gpt import GPT, GPTConfig
-
-# model.arch: name -> a module class built from the model section (a GPTConfig or a subclass of it).
-ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT}
+# model.arch: name -> the module class built from the model section (a GPTConfig or a subclass of it).
+ARCHITECTURES: dict[str, str] = {"gpt": "gptforge.model.gpt:GPT"}
 
 
-def build_model(config: GPTConfig) -> nn.Module:
+def architecture(name: str) -> type:
+    """The class `model.arch=name` builds."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"model.arch={name!r} is not one of {', '.join(ARCHITECTURES)}")
+    module, _, cls = ARCHITECTURES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(config: Any):
     """The model `config` describes, of the class its `arch` names ("gpt" for a config without one)."""
-    arch = getattr(config, "arch", "gpt")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](config)
+    return architecture(getattr(config, "arch", "gpt"))(config)

@@ -1,99 +1,20 @@
 """GPT: a pure nn.Module. Nothing here knows about devices, precision or processes.
 
-The variants a config can pick are small registries, MLPS, NORMS and POSITIONS; GPTConfig's mlp, norm and
-pos fields take their allowed values from them (field metadata "choices"), so adding a variant is one entry.
+The variants a config can pick are small registries, MLPS, NORMS and POSITIONS, keyed by the names
+model/config.py lists for GPTConfig's mlp, norm and pos fields (the config needs the names without torch).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class GPTConfig:
-    """Architecture of a GPT. Every field is a `model.<name>` config key."""
-
-    vocab_size: int = 8192
-    """Tokenizer vocabulary size; set from the data's tokenizer at run time."""
-    block_size: int = 256
-    """Maximum sequence length (context window) in tokens."""
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide n_embd."""
-    n_embd: int = 256
-    """Width of the residual stream."""
-    mlp: str = field(default="relu2", metadata={"choices": lambda: tuple(MLPS)})
-    """MLP activation: gelu (GPT-2's tanh approximation), gelu_exact (erf; about half the cost of the tanh
-    form on a CPU), relu2 (squared ReLU) or swiglu."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of n_embd (swiglu uses 2/3 of it, rounded up to a multiple of 64)."""
-    norm: str = field(default="rmsnorm", metadata={"choices": lambda: tuple(NORMS)})
-    """Normalization: layernorm or rmsnorm."""
-    pos: str = field(default="rope", metadata={"choices": lambda: tuple(POSITIONS)})
-    """Position encoding: learned (GPT-2 style absolute embeddings) or rope (rotary)."""
-    rope_theta: float = 10000.0
-    """Base of the rotary frequencies."""
-    qk_norm: bool = True
-    """Normalize queries and keys (RMS) per head before attention."""
-    tie_embeddings: bool = True
-    """Share the token embedding matrix with the output head."""
-    dropout: float = 0.0
-    """Dropout probability on attention weights and residual branches (0 disables it)."""
-    bias: bool = False
-    """Bias terms in linear layers and LayerNorm."""
-    logit_softcap: float = 0.0
-    """Soft-cap the output logits with cap*tanh(logits/cap); 0 disables it."""
-    zero_init_proj: bool = True
-    """Initialize the residual output projections (attention and MLP c_proj) to zero, so every block starts
-    as the identity."""
-    vocab_multiple: int = 128
-    """Pad the embedding and head to a multiple of this many rows (tensor-core friendly)."""
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return ((self.vocab_size + m - 1) // m) * m
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        hidden = int(self.mlp_ratio * self.n_embd)
-        if self.mlp in GATED_MLPS:
-            hidden = ((2 * hidden // 3 + 63) // 64) * 64
-        return hidden
-
-    def validate(self) -> None:
-        """Raise ValueError for a shape or choice the model cannot be built with."""
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        for f in dataclasses.fields(GPTConfig):
-            allowed = f.metadata.get("choices")
-            if allowed is not None and getattr(self, f.name) not in allowed():
-                raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed())}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.n_embd % self.n_head != 0:
-            divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
-            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
-                             f"n_head values that divide it: {', '.join(map(str, divisors))}")
-        if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be a probability in [0, 1), got {self.dropout}")
-        if self.logit_softcap < 0:
-            raise ValueError(f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+from gptforge.model import config as names
+from gptforge.model.config import GATED_MLPS, GPTConfig
 
 
 RMS_NORM_EPS = 1e-6
@@ -271,7 +192,6 @@ MLPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu2": relu_squared,
     "swiglu": swiglu,
 }
-GATED_MLPS = frozenset({"swiglu"})  # their activation takes [gate | up]: c_fc is twice the hidden width
 
 
 class MLP(nn.Module):
@@ -325,6 +245,17 @@ class RotaryPositions:
 
 # model.pos: how positions enter the model; build() adds its parameters or buffers, encode() applies them.
 POSITIONS: dict[str, type] = {"learned": LearnedPositions, "rope": RotaryPositions}
+
+
+def check_registries() -> None:
+    """Refuse a variant added on one side only: each registry must implement exactly the names
+    model/config.py gives the config."""
+    for registry, named in ((MLPS, names.MLPS), (NORMS, names.NORMS), (POSITIONS, names.POSITIONS)):
+        if tuple(registry) != named:
+            raise ImportError(f"gpt.py implements {', '.join(registry)}; model/config.py names {', '.join(named)}")
+
+
+check_registries()
 
 
 class Block(nn.Module):

@@ -586,12 +586,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="skip the slow probes (torch.compile, a Triton kernel, a training step) and shorten the timings")
-    p.add_argument("--json", metavar="FILE", help="write every fact, measurement and recommendation as JSON")
-
-
 def run_doctor(args: argparse.Namespace) -> int:
     report = doctor(quick=args.quick)
     print(format_report(report))
@@ -620,7 +614,6 @@ def _version_of(module: str) -> str | None:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
-
 
 
 def _fmt_flops(value: float | None) -> str:

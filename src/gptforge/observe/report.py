@@ -80,7 +80,7 @@ def read_run(run_dir: str | Path) -> Run:
         path=path,
         train=[r for r in records if "train_loss" in r and "event" not in r],
         evals=[r for r in records if "val_loss" in r and "event" not in r],
-        events=[r for r in records if "event" in r],
+        events=[r for r in records if r.get("event") not in (None, "finished")],  # finished: the run's end, not news
         problems=problems,
         samples=[s for s in samples if "sample" in s],
         config=config if isinstance(config, dict) else None,
@@ -432,11 +432,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", metavar="FILE", help="HTML file to write (default: RUN_DIR/report.html)")
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -217,6 +217,8 @@ class Run:
             cost = f", cost {energy['cost']:.4g}" if "cost" in energy else ""
             self.say(f"energy: {energy['energy_kwh']:.4g} kWh ({energy['energy_j']:.0f} J) for "
                      f"{s.tokens - self.tokens_before:,} tokens{cost}")
+        self.metrics.event("finished", s.step, reason="early_stop" if self.early.stopped else "budget",
+                           tokens=s.tokens, time_s=round(s.time_s, 3))  # what `gptforge runs` reads
         self.metrics.close()
         self.say(f"done: step {s.step}, {s.tokens:,} tokens in {s.time_s:.1f}s of training; run saved in {self.run_dir}")
         return TrainResult(self.run_dir, s.step, s.tokens, s.time_s, self.train_loss, s.last_val,

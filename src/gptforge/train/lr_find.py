@@ -201,17 +201,6 @@ def summary(record: dict[str, Any]) -> list[str]:
 # Command line
 
 
-def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (data, model, train, optim, schedule, speed, eval, ...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    parser.add_argument("--min-lr", type=float, default=1e-5, metavar="LR",
-                        help="first learning rate of the sweep (default: 1e-5)")
-    parser.add_argument("--max-lr", type=float, default=10.0, metavar="LR",
-                        help="last learning rate of the sweep (default: 10)")
-    parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep (default: 100)")
-    parser.add_argument("--out", metavar="DIR", help="folder for lr_find.json and lr_find.png (default: run.dir)")
-
-
 def run_lr_find(args: argparse.Namespace) -> int:
     """`gptforge lr-find`: sweep, print the suggestions, write the JSON record and the plot."""
     from gptforge.observe import console

@@ -1,0 +1,97 @@
+"""The shape and variant choices of a GPT (GPTConfig), without torch: the config, its validation and
+`--help` read them, and none of those should wait for torch to import.
+
+The variants a config can pick are named here (MLPS, NORMS, POSITIONS); gpt.py implements each in a registry
+of the same name and refuses to import if its registry and the names here differ, so a new variant is one
+name here and one entry there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MLPS = ("gelu", "gelu_exact", "relu2", "swiglu")  # model.mlp
+GATED_MLPS = frozenset({"swiglu"})  # their activation takes [gate | up]: c_fc is twice the hidden width
+NORMS = ("layernorm", "rmsnorm")  # model.norm
+POSITIONS = ("learned", "rope")  # model.pos
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT. Every field is a `model.<name>` config key."""
+
+    vocab_size: int = 8192
+    """Tokenizer vocabulary size; set from the data's tokenizer at run time."""
+    block_size: int = 256
+    """Maximum sequence length (context window) in tokens."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 256
+    """Width of the residual stream."""
+    mlp: str = field(default="relu2", metadata={"choices": MLPS})
+    """MLP activation: gelu (GPT-2's tanh approximation), gelu_exact (erf; about half the cost of the tanh
+    form on a CPU), relu2 (squared ReLU) or swiglu."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of n_embd (swiglu uses 2/3 of it, rounded up to a multiple of 64)."""
+    norm: str = field(default="rmsnorm", metadata={"choices": NORMS})
+    """Normalization: layernorm or rmsnorm."""
+    pos: str = field(default="rope", metadata={"choices": POSITIONS})
+    """Position encoding: learned (GPT-2 style absolute embeddings) or rope (rotary)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    qk_norm: bool = True
+    """Normalize queries and keys (RMS) per head before attention."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights and residual branches (0 disables it)."""
+    bias: bool = False
+    """Bias terms in linear layers and LayerNorm."""
+    logit_softcap: float = 0.0
+    """Soft-cap the output logits with cap*tanh(logits/cap); 0 disables it."""
+    zero_init_proj: bool = True
+    """Initialize the residual output projections (attention and MLP c_proj) to zero, so every block starts
+    as the identity."""
+    vocab_multiple: int = 128
+    """Pad the embedding and head to a multiple of this many rows (tensor-core friendly)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp in GATED_MLPS:
+            hidden = ((2 * hidden // 3 + 63) // 64) * 64
+        return hidden
+
+    def validate(self) -> None:
+        """Raise ValueError for a shape or choice the model cannot be built with."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(GPTConfig):
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed)}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.n_embd % self.n_head != 0:
+            divisors = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                             f"n_head values that divide it: {', '.join(map(str, divisors))}")
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be a probability in [0, 1), got {self.dropout}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
