@@ -53,7 +53,7 @@ def main() -> None:
         "val_loss_last": evals[-1]["val_loss"],
         "val_bpb_last": evals[-1]["val_bpb"],
         "tokens_per_sec_median": sorted(r["tokens_per_sec"] for r in steps)[len(steps) // 2],
-        "mfu_median": sorted(r["mfu"] for r in steps)[len(steps) // 2],
+        "mfu_median": _median([r["mfu"] for r in steps if r.get("mfu") is not None]),
         "evals": [{k: r[k] for k in ("step", "time_s", "val_loss", "val_bpb")} for r in evals],
         "train_log": [{k: r[k] for k in ("step", "time_s", "train_loss", "tokens_per_sec")} for r in steps],
         "samples": samples,
@@ -68,3 +68,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _median(values: list[float]) -> float | None:
+    """None when no step had an MFU (a peak that stayed implausible is reported as unknown)."""
+    return sorted(values)[len(values) // 2] if values else None

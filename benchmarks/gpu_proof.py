@@ -485,7 +485,8 @@ def headline_bench(r: dict[str, Any]) -> str:
     for label, s in (("gptforge", ours), ("nanoGPT", peer)):
         if s.get("status") == "ok":
             sheet = f", {100 * s['mfu_datasheet']:.1f}% datasheet" if s.get("mfu_datasheet") else ""
-            parts.append(f"{label} {s['tokens_per_sec']:,.0f} tok/s (MFU {100 * s['mfu']:.1f}% measured{sheet}, "
+            mfu = "n/a" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
+            parts.append(f"{label} {s['tokens_per_sec']:,.0f} tok/s (MFU {mfu} measured{sheet}, "
                          f"{s['peak_mem_gb']:.1f} GB)")
         elif s.get("status") == "skipped":
             parts.append(f"{label} skipped")

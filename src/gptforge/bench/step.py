@@ -17,6 +17,7 @@ import torch
 
 from gptforge.config import Config
 from gptforge.model.flops import flops_per_token, num_params
+from gptforge.observe.console import percent
 from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import datasheet_peak, measured_peak
@@ -90,6 +91,8 @@ class StepRig:
         tps = tokens / median
         model_flops = flops_per_token(cfg.model) * tps / world.world_size  # per process
         measured = measured_peak(device, self.precision.name)  # in the same run as the step
+        if model_flops > measured:  # a peak measured too low (a busy moment): once more, then no figure
+            measured = max(measured, measured_peak(device, self.precision.name))
         datasheet = datasheet_peak(device, self.precision.name)
         return {
             **environment(device, self.precision.name, world.world_size),
@@ -98,7 +101,7 @@ class StepRig:
             "tokens_per_step": tokens,
             "tokens_per_sec": tps,
             "tokens_per_sec_per_process": tps / world.world_size,
-            "mfu": model_flops / measured,
+            "mfu": model_flops / measured if model_flops <= measured else None,
             "mfu_datasheet": model_flops / datasheet if datasheet else None,
             "peak_flops_measured": measured,
             "peak_flops_datasheet": datasheet,
@@ -119,7 +122,7 @@ def print_record(record: dict[str, Any]) -> None:
     print(
         f"{record['device']} ({record['device_type']}, {record['precision']}), {record['world_size']} process(es): "
         f"{record['tokens_per_sec']:,.0f} tokens/s ({record['tokens_per_sec_per_process']:,.0f} per process), "
-        f"step {1000 * record['median_step_s']:.1f} ms, MFU {100 * record['mfu']:.1f}% of a measured "
+        f"step {1000 * record['median_step_s']:.1f} ms, MFU {percent(record['mfu'])} of a measured "
         f"{record['peak_flops_measured'] / 1e12:.3g} TFLOP/s matmul"
         + (f" ({100 * datasheet:.1f}% of the datasheet peak)" if datasheet else "")
         + f", peak memory {record['peak_mem_gb']:.2f} GB"

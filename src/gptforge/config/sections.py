@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import difflib
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -231,11 +232,21 @@ class TrainConfig:
         non_negative(self, "save_every", "samples", "sample_tokens")
 
 
+OPTIMIZER_NAMES = ("adamw", "muon")  # train/optim.py's OPTIMIZERS builds each (it checks they agree)
+
+
+def _optimizer_names() -> tuple[str, ...]:
+    """The OPTIMIZERS registry's names once train/optim.py is loaded (registering one needs it loaded), the
+    built-in names before: a config error is found without importing torch."""
+    optim = sys.modules.get("gptforge.train.optim")
+    return tuple(optim.OPTIMIZERS) if optim is not None else OPTIMIZER_NAMES
+
+
 @dataclass
 class OptimConfig:
     KEY: ClassVar[str] = "optim"
 
-    name: str = choice("muon", ("adamw", "muon"))  # train/optim.py OPTIMIZERS builds each (tests check they agree)
+    name: str = choice("muon", lambda: _optimizer_names())
     """adamw, or muon: Newton-Schulz-orthogonalized momentum for the 2-D hidden matrices, AdamW (optim.lr) for
     embeddings, head, norms and scalars."""
     lr: float = 3e-3

@@ -31,7 +31,7 @@ def show_sample(index: int, text: str) -> None:
 def _line(record: dict[str, Any]) -> str:
     return (
         f"step {record['step']:>6} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | mfu {100 * record['mfu']:.1f}%"
+        f"grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | mfu {percent(record['mfu'])}"
     )
 
 
@@ -62,3 +62,7 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

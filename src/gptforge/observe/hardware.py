@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 import torch
 
@@ -71,15 +72,44 @@ def _dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+def matmul_size(rate: Callable[[int], float], start: int = 256, cap: int = 1024, min_s: float = 0.01) -> int:
+    """The matrix size to measure a peak on: doubled from `start` while one matmul at the size `rate(n)`
+    (FLOP/s) gives would take under `min_s`, up to `cap`. A dtype the hardware runs natively (bf16 with
+    AMX or AVX512-BF16) is fast, and a small matrix then measures call overhead, not the peak; one it
+    emulates is slow, and a large matrix would take seconds."""
+    n = start
+    while n < cap and 2 * n**3 / rate(n) < min_s:
+        n *= 2
+    return n
+
+
 def measured_peak(device: torch.device, precision: str) -> float:
-    """FLOP/s of a large matmul in `precision`, measured now: 8192 x 8192 on a GPU, 1024 x 1024 elsewhere, and
-    256 x 256 for emulated half precision on a CPU, which runs at a fraction of a GFLOP/s."""
+    """FLOP/s of a large matmul in `precision`, measured now: 8192 x 8192 on a GPU; elsewhere a size grown
+    until one matmul takes at least 10 ms, up to 1024 (matmul_size), so native and emulated half precision are both
+    measured on a matrix that suits them."""
     dtype = _dtype(precision)
     if device.type == "cuda":
         return measured_matmul_flops(device, dtype, n=8192, trials=10)
-    if device.type == "cpu" and dtype != torch.float32:
-        return measured_matmul_flops(device, dtype, n=256, trials=3)
-    return measured_matmul_flops(device, dtype, n=1024, trials=8)
+    n = matmul_size(lambda n: measured_matmul_flops(device, dtype, n=n, trials=1))
+    return measured_matmul_flops(device, dtype, n=n, trials=8)
+
+
+class Peak:
+    """The peak a run's MFU is taken against, and the check that keeps MFU honest: a figure above 100% means
+    the peak was measured too low (a busy moment, a matrix too small), so it is measured again once, and
+    an MFU still above 100% is reported as unknown (None), never as a number."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, precision
+        self.flops = peak_flops(device, precision)
+        self.rechecked = False
+
+    def mfu(self, model_flops_per_s: float) -> float | None:
+        if model_flops_per_s > self.flops and not self.rechecked and datasheet_peak(self.device, self.precision) is None:
+            self.rechecked = True
+            self.flops = max(self.flops, peak_flops(self.device, self.precision))
+        mfu = model_flops_per_s / self.flops
+        return mfu if mfu <= 1.0 else None
 
 
 def peak_flops(device: torch.device, precision: str) -> float:

@@ -32,7 +32,7 @@ from gptforge.model.flops import flops_per_token, num_params
 from gptforge.observe import console
 from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
-from gptforge.observe.hardware import peak_flops
+from gptforge.observe.hardware import Peak
 from gptforge.observe.metrics import MetricsLog, truncate_after
 from gptforge.parallel.distribute import full_model_state, full_optimizer_state, save_sharded
 from gptforge.parallel.world import World, running_world
@@ -295,7 +295,7 @@ class Run:
         record = {
             "step": s.step, "tokens": s.tokens, "time_s": round(s.time_s, 3), "lr": self.cfg.optim.lr * self.lr_scale,
             "train_loss": self.train_loss, "grad_norm": float(grad_norm), "tokens_per_sec": round(tps, 1),
-            "mfu": round(self.flops_per_token * tps / (self.peak * self.world.world_size), 5),
+            "mfu": _rounded(self.peak.mfu(self.flops_per_token * tps / self.world.world_size), 5),
             "peak_mem_gb": round(peak_memory_gb(t.device), 3),
         }
         if t.comm is not None:
@@ -386,7 +386,7 @@ class Run:
         cfg, t, s, world = self.cfg, self.t, self.state, self.world
         counts = num_params(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model)
-        self.peak = peak_flops(t.device, t.precision.name)
+        self.peak = Peak(t.device, t.precision.name)
         accum = cfg.grad_accum_steps(world.world_size)
         self.say(
             f"gptforge {__version__} | {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
@@ -430,3 +430,7 @@ def budgets_text(t: TrainConfig) -> str:
     if t.max_time is not None:
         parts.append(f"{t.max_time:g} s of training (train.max_time)")
     return "stops at " + " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

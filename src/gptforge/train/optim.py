@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gptforge.config.sections import OPTIMIZER_NAMES
 from gptforge.train.muon import Muon
 
 
@@ -105,6 +106,8 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         follows_lr=lambda cfg: {"optim.muon_lr": cfg.muon_lr / cfg.lr},
     ),
 }
+if tuple(OPTIMIZERS) != OPTIMIZER_NAMES:
+    raise ImportError(f"train/optim.py builds {tuple(OPTIMIZERS)} but config/sections.py names {OPTIMIZER_NAMES}")
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
