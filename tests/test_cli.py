@@ -74,6 +74,18 @@ def test_sample_and_eval(trained, capsys):
     assert 0 < result["val_bpb"] < 8 and result["perplexity"] > 1
 
 
+def test_sample_switches_and_their_bad_values(trained, capsys):
+    block = 64  # the trained fixture's context (model.preset=tiny)
+    args = ["sample", str(trained), "--prompt", "def ", "--seed", "1", "--no-stop"]
+    assert main([*args, "--top-k", "0", "--max-new-tokens", "4"]) == 0  # 0: no top-k filter
+    assert main([*args, "--context-keep", str(block // 2), "--max-new-tokens", str(2 * block)]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    for bad in (["--context-keep", str(block)], ["--context-keep", "0"], ["--top-p", "1.5"], ["--temperature", "-1"],
+                ["--top-k", "-3"]):
+        assert main([*args, *bad]) == 2
+        assert "sample: error:" in capsys.readouterr().err
+
+
 def test_config_file_and_resolved_config(trained, tmp_path, small_data):
     import yaml
 

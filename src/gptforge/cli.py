@@ -55,16 +55,24 @@ def _sample(args: argparse.Namespace) -> int:
     from gptforge.runs import load_run
     from gptforge.runtime import pick_device
 
+    if args.temperature < 0 or args.top_k < 0 or args.top_p is not None and not 0 < args.top_p <= 1:
+        raise GptforgeError(f"sampling needs --temperature >= 0, --top-k >= 0 and --top-p in (0, 1]; got "
+                            f"{args.temperature}, {args.top_k} and {args.top_p}")
     safety = safety_from_args(args)  # a bad lists file fails before the model loads
     run = load_run(args.run_dir, pick_device(args.device))
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn a prompt into tokens")
     tok = run.tokenizer
+    block_size = run.config.model.block_size
+    if args.context_keep is not None and not 1 <= args.context_keep < block_size:
+        raise GptforgeError(f"--context-keep must be in [1, {block_size}) for this model (block_size {block_size}), "
+                            f"got {args.context_keep}")
     ids = prompt_ids(tok, args.prompt, eot_prefix=not args.no_eot_prefix)
     for i in range(args.num_samples):
         new = generate(
-            run.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            run.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
             top_p=args.top_p, seed=args.seed + i, eot_id=None if args.no_stop else tok.eot_id,
+            context_keep=args.context_keep,
         )
         text = args.prompt + tok.decode(new)  # filtered whole: a completion can finish what the prompt began
         if safety is not None:
@@ -266,6 +274,10 @@ def _sample_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eot-prefix", action="store_true",
                    help="start from the prompt's tokens alone, as transformers' generate does (default: an "
                    "end-of-text token first, marking the start of a document; needs a --prompt)")
+    p.add_argument("--context-keep", type=int, default=None, metavar="K",
+                   help="past the model's window, re-read only the last K tokens and decode on from there, a "
+                   "prefill every block_size - K tokens (default: re-read the full window for every token: "
+                   "exact, and slower)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     _safety_arguments(p)
     p.set_defaults(func=_sample)

@@ -1,7 +1,9 @@
 """`gptforge compare`: a run and its variants (quantized, pruned, fine-tuned) measured alike, in one table.
 
 Every variant is evaluated on the same validation tokens (the first run's data unless --data) and decodes
-the same prompt greedily with a KV cache, after a warm-up; the speed is the best of three runs. Memory is
+the same prompt greedily with a KV cache, after a warm-up, as `gptforge sample` does (in the weights' own
+dtype, no autocast: on a CPU single-stream decoding is fastest in fp32 even where bf16 is native, see
+benchmarks/generate_speed.py); the speed is the best of three runs. Memory is
 what the device can report: on a CUDA GPU the peak allocated while loading, evaluating and generating;
 elsewhere the bytes of the model's tensors, since a CPU process's peak also holds the allocator's and
 Python's memory.
@@ -59,8 +61,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
         tokenizer = dataset.tokenizer or run.tokenizer
         token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
         val = evaluate(run.model, batches[block], precision, token_bytes, device)
-        with precision.autocast():
-            speed = _tokens_per_s(run, tokens, device)
+        speed = _tokens_per_s(run, tokens, device)  # as `gptforge sample` decodes: the weights' own dtype
         cuda = device.type == "cuda"
         rows.append({
             "name": str(path),

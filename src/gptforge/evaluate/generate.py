@@ -56,16 +56,22 @@ def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int |
 @torch.no_grad()
 def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           eot_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
+           eot_id: int | None = None, use_cache: bool = True, context_keep: int | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids after prompt_ids, one at a time; stop after eot_id.
 
-    The model conditions on at most block_size tokens: a longer prompt keeps its last block_size, and
-    past the window every step sees the last block_size tokens, as nanoGPT's cropped full recomputation
-    does. With use_cache the prompt is prefilled once and each step then feeds one token. Once the cache
-    holds block_size positions it cannot take another, and dropping its oldest entry would not do: every
-    cached key was computed from hidden states that saw the token being dropped. So from then on each
-    step re-prefills a fresh cache with the last block_size tokens. That costs what full recomputation
-    costs, and gives the same logits.
+    The model conditions on at most block_size tokens: a longer prompt keeps its last block_size. With
+    use_cache the prompt is prefilled once and each step then feeds one token. Once the cache holds
+    block_size positions it cannot take another, and dropping its oldest entry would not do: every cached
+    key was computed from hidden states that saw the token being dropped. What happens then is
+    `context_keep`'s choice:
+
+    - None (the default): every step re-prefills a fresh cache with the last block_size tokens, so every
+      token sees a full window, as nanoGPT's cropped full recomputation does, with the same logits. Each
+      token past the window costs a prefill of block_size tokens.
+    - k in [1, block_size): the cache is re-prefilled with the last k tokens, and decoding goes on one
+      token a step until it is full again (llama.cpp's context shift, recomputed rather than rotated, so
+      it holds for every position encoding). Tokens then see between k and block_size tokens of context,
+      and a prefill of k tokens is spent every block_size - k tokens.
 
     seed draws from a dedicated torch.Generator on the model's device, leaving the global RNG untouched.
     The model's train/eval mode is the caller's choice and is left as it is.
@@ -77,6 +83,8 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
     if len(prompt_ids) == 0:
         raise ValueError("the prompt needs at least one token; for unconditional sampling pass [eot_id]")
     block_size = model.config.block_size
+    if context_keep is not None and not 1 <= context_keep < block_size:
+        raise ValueError(f"context_keep must be in [1, block_size={block_size}), got {context_keep}")
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     window = deque(prompt_ids[-block_size:], maxlen=block_size)  # the context the next token conditions on
@@ -86,7 +94,7 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
     for _ in range(max_new_tokens):
         if cache is not None and cache.pos + len(unseen) > block_size:
             cache.reset()
-            unseen = list(window)
+            unseen = list(window)[-context_keep:] if context_keep else list(window)
         feed = unseen if cache is not None else list(window)
         idx = torch.tensor([feed], dtype=torch.long, device=device)  # (1, T)
         logits = model(idx, cache=cache)[0, -1]  # (vocab_size,)
@@ -100,10 +108,10 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
 
 def generate(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             eot_id: int | None = None, use_cache: bool = True) -> list[int]:
+             eot_id: int | None = None, use_cache: bool = True, context_keep: int | None = None) -> list[int]:
     """The new token ids after prompt_ids (eot_id included when sampling stopped at it); see stream()."""
     return list(stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, eot_id=eot_id, use_cache=use_cache))
+                       seed=seed, eot_id=eot_id, use_cache=use_cache, context_keep=context_keep))
 
 
 def prompt_ids(tokenizer, prompt: str, eot_prefix: bool = True) -> list[int]:
