@@ -115,7 +115,11 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
-    result = evaluate(run.model, batches, resolve_precision(args.precision, device), token_bytes, device)
+    from gptforge.observe.progress import Progress
+
+    with Progress("eval", len(batches), "batches") as bar:
+        result = evaluate(run.model, bar.track(batches), resolve_precision(args.precision, device), token_bytes,
+                          device)
     result.update(step=run.state["step"], checkpoint=str(run.checkpoint), tokens=sum(y.numel() for _, y in batches))
     if args.json:
         print(json.dumps(result))

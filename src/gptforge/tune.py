@@ -25,6 +25,7 @@ import yaml
 from gptforge import __version__
 from gptforge.config import Config, canonical_key, close_keys, describe_keys, from_dict, load_config, save_config
 from gptforge.errors import CheckpointError, ConfigError, DataError, GptforgeError
+from gptforge.observe.progress import clock_text, eta_s
 
 STUDY_NAME = "gptforge"
 PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials have completed
@@ -255,12 +256,16 @@ def tune(cfg: Config, trials: int, study_dir: str | Path, space: dict[str, Param
     check_space(base, space, "search space")
     study_dir.mkdir(parents=True, exist_ok=True)
     study = _open_study(optuna, study_dir, cfg, base, space, pruner)
-    deadline = time.monotonic() + timeout if timeout is not None else None
+    start, first = time.monotonic(), len(study.trials)  # a resumed study counts its pace from here
+    deadline = start + timeout if timeout is not None else None
     while len(study.trials) < trials:
         if deadline is not None and time.monotonic() >= deadline:
             report(f"--timeout of {timeout:g}s reached; {len(study.trials)} of {trials} trials in the study")
             break
-        _run_trial(optuna, study, base, space, study_dir, cfg, report, f"{len(study.trials) + 1} of {trials}")
+        elapsed, done = time.monotonic() - start, len(study.trials)
+        eta = clock_text(eta_s(elapsed, done / trials, first / trials))
+        _run_trial(optuna, study, base, space, study_dir, cfg, report,
+                   f"{done + 1} of {trials}; elapsed {clock_text(elapsed)}, eta {eta}")
     results = collect_results(study, study_dir, space)
     write_results(results, study_dir, base)
     return results

@@ -27,6 +27,7 @@ from gptforge.data.loader import val_batches
 from gptforge.errors import GptforgeError
 from gptforge.evaluate.generate import generate, prompt_ids
 from gptforge.evaluate.loss import evaluate
+from gptforge.observe.progress import Progress
 from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
 from gptforge.runtime import pick_device, resolve_precision, synchronize
@@ -48,6 +49,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
     precision = resolve_precision("auto", device)
     checkpoints = [checkpoint.resolve(path, report=report) for path in paths]  # every path checked before any work
     rows, batches, dataset = [], {}, None
+    bar = Progress("compare", len(paths), "runs")
     for path, ckpt in zip(paths, checkpoints):
         _reset_memory(device)
         run = load_run(ckpt, device, report=report)
@@ -78,6 +80,8 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
             "memory_kind": "cuda_max_allocated" if cuda else "model_tensors",
         })
         del run
+        bar.update(advance=1, info=f"{path}: val loss {val['val_loss']:.4f}, {speed:.0f} tokens/s")
+    bar.close()
     return rows
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.observe.progress import clock_text, eta_s
 
 RULE = ("cumulative: each rung adds its switch to the best configuration so far and is kept only if its tokens/s "
         "beat that configuration's; memory is reported, not ranked")
@@ -170,7 +171,8 @@ def ablate(overrides: list[str], steps: int = 5, warmup: int = 2, skip: tuple[st
     first: dict[str, Any] | None = None
     kept_rec: dict[str, Any] | None = None
 
-    for rung in LADDER:
+    started = time.perf_counter()
+    for number, rung in enumerate(LADDER):
         status, reason, note = availability(rung, dev, base.optim.name)
         if rung.name in skip:
             status, reason = "skipped", f"skipped on request (--skip {rung.name})"
@@ -183,7 +185,9 @@ def ablate(overrides: list[str], steps: int = 5, warmup: int = 2, skip: tuple[st
         trial = _State(overrides=state.overrides + list(rung.overrides), flash=state.flash or rung.flash)
         spec = {"config": config, "overrides": list(overrides) + trial.overrides, "steps": steps, "warmup": warmup,
                 "math_attention": not trial.flash}
-        log(f"{rung.label}: running {steps} steps after {warmup} warm-up ...")
+        elapsed = time.perf_counter() - started
+        log(f"{rung.label}: running {steps} steps after {warmup} warm-up (rung {number + 1} of {len(LADDER)}; "
+            f"elapsed {clock_text(elapsed)}, eta {clock_text(eta_s(elapsed, number / len(LADDER)))}) ...")
         start = time.perf_counter()
         try:
             record = run_rung(spec)

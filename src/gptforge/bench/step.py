@@ -22,6 +22,7 @@ from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import datasheet_peak, measured_peak
 from gptforge.observe.phases import PHASES, PhaseTimer
+from gptforge.observe.progress import Progress
 from gptforge.parallel.world import World, running_world
 from gptforge.runtime import peak_memory_gb, synchronize
 from gptforge.train.builder import build
@@ -31,14 +32,17 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     """Time `steps` optimizer steps after `warmup` untimed ones; every process returns the same record."""
     with running_world(cfg.dist.backend) as world:
         rig = StepRig(cfg, world)
+        bar = Progress("bench", warmup + steps, "steps", enabled=world.is_main)
         try:
             meter = None
             for i in range(warmup + steps):
                 if i == warmup:  # energy of the timed steps only
                     synchronize(rig.device)
                     meter = energy_meter(rig.device)
-                rig.step(timed=i >= warmup)
+                seconds = rig.step(timed=i >= warmup)
+                bar.update(i + 1, info=f"{'warm-up ' if i < warmup else ''}step {1000 * seconds:.0f} ms")
         finally:
+            bar.close()
             rig.close()
         return rig.record(meter)
 

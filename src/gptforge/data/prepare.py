@@ -25,7 +25,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from gptforge.data.corpus import (
@@ -44,6 +43,7 @@ from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
 from gptforge.data.shards import ShardWriter, read_header
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.fileio import fsync_dir, sha256_file
+from gptforge.observe.progress import Progress
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
 SHORT_DOCUMENT_TOKENS = 64
@@ -145,28 +145,20 @@ def _make_tokenizer(spec: str, vocab_size: int, training_texts: Iterator[str]) -
     return "pretrained", Tokenizer.from_pretrained(spec)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[files]} files"),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        disable=not (enabled and sys.stdout.isatty()),
-    )
-
-
-def _tracked(reader: Reader, progress: Progress, description: str) -> Iterator[tuple[str, str]]:
-    """`reader.documents()`, advancing a progress bar by bytes read (at most once per MB)."""
+def _tracked(reader: Reader, description: str, enabled: bool) -> Iterator[tuple[str, str]]:
+    """`reader.documents()`, with progress by bytes read (updated at most once per MB)."""
     total = sum(file_size(path) for path in reader.files)
-    task = progress.add_task(description, total=total, files=f"0/{len(reader.files)}")
+    bar = Progress(description, total, "MB", scale=1e6, enabled=enabled)
     shown = 0
-    for document in reader.documents():
-        yield document
-        if reader.bytes_done - shown >= 1 << 20:
-            shown = reader.bytes_done
-            progress.update(task, completed=shown, files=f"{reader.files_done}/{len(reader.files)}")
-    progress.update(task, completed=total, files=f"{len(reader.files)}/{len(reader.files)}")
+    try:
+        for document in reader.documents():
+            yield document
+            if reader.bytes_done - shown >= 1 << 20:
+                shown = reader.bytes_done
+                bar.update(shown, info=f"{reader.files_done}/{len(reader.files)} files")
+        bar.update(total, info=f"{len(reader.files)}/{len(reader.files)} files")
+    finally:
+        bar.close()
 
 
 def _batches(documents: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
@@ -294,15 +286,15 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
     tmp.mkdir(parents=True)
     try:
-        with _progress(progress) as bar:
-            # The tokenizer learns from the first piece of each long document: enough to learn its
-            # words, and what the trainer holds then does not grow with the length of one document.
-            first_reader = Reader(files, text_field, text_column, first_piece_only=True)
-            first_pass = curator().documents(_tracked(first_reader, bar, "training tokenizer"), first_reader.skip)
-            training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
-            kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
-            reader, curation = Reader(files, text_field, text_column), curator()
-            splits, short = _tokenize(reader, curation, tok, bar, tmp, val_fraction, shard_tokens)
+        # The tokenizer learns from the first piece of each long document: enough to learn its words,
+        # and what the trainer holds then does not grow with the length of one document.
+        first_reader = Reader(files, text_field, text_column, first_piece_only=True)
+        first_pass = curator().documents(_tracked(first_reader, "prepare: reading for the tokenizer", progress),
+                                         first_reader.skip)
+        training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
+        kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
+        reader, curation = Reader(files, text_field, text_column), curator()
+        splits, short = _tokenize(reader, curation, tok, progress, tmp, val_fraction, shard_tokens)
         _write_durably(tmp / "tokenizer.json", tok.to_json())
         # A curation reason is listed when its step ran, so a manifest without curation reads as before.
         reasons = [*SKIP_REASONS, *curation.reasons]
@@ -344,7 +336,7 @@ def prepare(
 
 
 def _tokenize(
-    reader: Reader, curator: Curator, tok: Tokenizer, bar: Progress, out_dir: Path, val_fraction: float,
+    reader: Reader, curator: Curator, tok: Tokenizer, progress: bool, out_dir: Path, val_fraction: float,
     shard_tokens: int,
 ) -> tuple[dict, int]:
     """Second pass: tokenize every curated document into split shards; returns the manifest's splits and
@@ -355,7 +347,7 @@ def _tokenize(
     is actually stored."""
     writer = SplitWriter(out_dir, tok.vocab_size, shard_tokens)
     short = 0
-    for batch in _batches(curator.documents(_tracked(reader, bar, "tokenizing"), reader.skip)):
+    for batch in _batches(curator.documents(_tracked(reader, "prepare: tokenizing", progress), reader.skip)):
         for (text, location), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
             if not ids:  # possible with tokenizers whose normalizer drops characters
                 reader.skip("empty", location)

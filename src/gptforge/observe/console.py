@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-_console = Console(highlight=False)
+from gptforge.observe.progress import clock_text, eta_s
+
+_console = Console(highlight=False, soft_wrap=True)  # a log line stays one line
 
 
 def is_tty() -> bool:
@@ -36,15 +39,18 @@ def _line(record: dict[str, Any]) -> str:
 
 
 class TrainProgress:
-    """A bar with loss, tokens/s, MFU and ETA on a terminal; one plain line per log step otherwise."""
+    """A bar with loss, tokens/s, MFU, elapsed time and ETA on a terminal; one plain line per log step
+    otherwise, with the same figures. The ETA is that of the budget, at the pace of this process so far
+    (a resumed run counts from where it resumed)."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, start_fraction: float = 0.0, clock=time.monotonic):
+        self.enabled, self.start_fraction, self.clock = enabled, start_fraction, clock
+        self.start = clock()
         self._progress = None
         if enabled and is_tty():
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=_console, transient=False,
             )
             self._task = self._progress.add_task("train", total=1.0, info="")
@@ -54,7 +60,9 @@ class TrainProgress:
         if not self.enabled:
             return
         if self._progress is None:
-            _console.print(_line(record))
+            elapsed = self.clock() - self.start
+            eta = eta_s(elapsed, fraction, self.start_fraction)
+            _console.print(f"{_line(record)} | elapsed {clock_text(elapsed)} | eta {clock_text(eta)}")
         else:
             self._progress.update(self._task, completed=fraction, info=_line(record))
 

@@ -128,7 +128,8 @@ def resolve_data(cfg: Config) -> DataDir:
         return load_data_dir(cfg.data.dir, verify_sha256=cfg.data.verify)
     from gptforge.data.prepare import builtin_data_dir
 
-    path = builtin_data_dir(cfg.data.tokenizer, cfg.data.vocab_size, progress=console.is_tty())
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, one process shows the preparation
+    path = builtin_data_dir(cfg.data.tokenizer, cfg.data.vocab_size, progress=first)
     return load_data_dir(path, verify_sha256=cfg.data.verify)
 
 

@@ -156,7 +156,8 @@ class Run:
     def loop(self) -> None:
         """Step until a budget is met or early stopping fires; log, evaluate and save at step boundaries."""
         cfg, s = self.cfg, self.state
-        self.bar = console.TrainProgress(enabled=self.world.is_main)
+        self.bar = console.TrainProgress(enabled=self.world.is_main,
+                                         start_fraction=progress(cfg.train, s.step, s.tokens, s.time_s))
         self.meter, self.tokens_before = energy_meter(self.t.device), s.tokens  # None without NVML or a GPU
         self.window_tokens, self.window_time = 0, 0.0
         self.t.model.train()

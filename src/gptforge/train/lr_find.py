@@ -27,6 +27,7 @@ from gptforge.data.loader import TokenLoader
 from gptforge.errors import GptforgeError
 from gptforge.fileio import atomic_write_text
 from gptforge.observe.environment import environment
+from gptforge.observe.progress import Progress
 from gptforge.parallel.world import World, running_world
 from gptforge.train.builder import build
 from gptforge.train.optim import OPTIMIZERS
@@ -92,7 +93,8 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
     planned = lr_sweep(min_lr, max_lr, steps)
     beta = smoothing_beta(steps)
     try:
-        losses, smoothed, diverged = _sweep(t.stepper, t.loader, planned, t.cfg.optim.lr, beta, report)
+        with Progress("lr-find", len(planned), "steps", enabled=world.is_main) as bar:
+            losses, smoothed, diverged = _sweep(t.stepper, t.loader, planned, t.cfg.optim.lr, beta, report, bar)
     finally:
         t.close()
     lrs = planned[: len(losses)]
@@ -106,7 +108,7 @@ def _lr_find(cfg: Config, world: World, min_lr: float, max_lr: float, steps: int
 
 
 def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: float, beta: float,
-           report: Callable[[str], None]) -> tuple[list[float], list[float], bool]:
+           report: Callable[[str], None], bar: Progress) -> tuple[list[float], list[float], bool]:
     """One optimizer step per rate; stops when the smoothed loss diverges. Returns raw and smoothed losses.
     Stepper takes a multiplier of every group's base_lr, as the schedule does: lr / optim.lr."""
     losses, smoothed, best = [], [], math.inf
@@ -115,8 +117,7 @@ def _sweep(stepper: Stepper, loader: TokenLoader, lrs: list[float], base_lr: flo
         loss, _, _ = stepper.step(loader.next_step(), lr / base_lr, i + 1)
         losses.append(loss)
         smoothed = smooth(losses, beta)
-        if (i + 1) % 10 == 0:
-            report(f"step {i + 1:>4} | lr {lr:.2e} | loss {loss:.4f} | smoothed {smoothed[-1]:.4f}")
+        bar.update(i + 1, info=f"lr {lr:.2e} | loss {loss:.4f} | smoothed {smoothed[-1]:.4f}")
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > DIVERGE_FACTOR * best:
             report(f"step {i + 1:>4} | lr {lr:.2e} | loss diverged (smoothed {smoothed[-1]:.4g}, "
                    f"best {best:.4g}); stopping")
