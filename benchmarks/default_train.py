@@ -21,6 +21,11 @@ from pathlib import Path
 from gptforge.observe.metrics import read_metrics
 
 
+def _median(values: list[float]) -> float | None:
+    """None when no step had an MFU (a peak that stayed implausible is reported as unknown)."""
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh-cache", action="store_true", help="prepare the built-in corpus again (timed too)")
@@ -68,8 +73,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _median(values: list[float]) -> float | None:
-    """None when no step had an MFU (a peak that stayed implausible is reported as unknown)."""
-    return sorted(values)[len(values) // 2] if values else None

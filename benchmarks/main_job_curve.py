@@ -46,15 +46,20 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[100_000, 250_000, 600_000, 1_200_000])
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--json", default="benchmarks/results/main_job_curve_cpu.json")
+    parser.add_argument("--add", action="store_true", help="keep the budgets already in --json, add these")
     args = parser.parse_args()
-    rows = []
+    kept = json.loads(Path(args.json).read_text())["rows"] if args.add else []
+    rows = [r for r in kept if r["max_tokens"] not in args.tokens]
     with tempfile.TemporaryDirectory() as tmp:
         for tokens in sorted(args.tokens):
             rows.append(one_budget(tokens, args.precision, Path(tmp)))
             r = rows[-1]
             print(f"{r['tokens']:>9,} tokens ({r['steps']} steps, {r['precision']}, {r['train_time_s']:.0f} s): "
                   f"val loss {r['val_loss']:.4f}", flush=True)
+    rows.sort(key=lambda r: r["tokens"])
     command = " ".join(["python", "benchmarks/main_job_curve.py", *sys.argv[1:]])
+    if args.add:
+        command = f"{json.loads(Path(args.json).read_text())['command']}; {command}"
     record = {"benchmark": "main_job_curve", "command": command, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")

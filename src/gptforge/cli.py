@@ -235,7 +235,7 @@ def _prepare_parser(p: argparse.ArgumentParser) -> None:
                    "passwords) with <EMAIL>, <PHONE>, <SECRET>. Off by default: it rewrites the text the model "
                    "learns from")
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar; print one line at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress (bar or lines); print one line at the end")
     p.set_defaults(func="gptforge.data.prepare:run_prepare")
 
 

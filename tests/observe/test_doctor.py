@@ -2,7 +2,9 @@
 the machine (the probes are replaced to describe machines the tests do not run on)."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from gptforge.cli import main
@@ -186,3 +188,39 @@ def test_the_rate_loops_measure_something():
     cpu = torch.device("cpu")
     assert doctor.matmul_rate(cpu, torch.float32, 64, 0.01) > 0
     assert doctor.copy_bandwidth(cpu, 1 << 20, 0.01) > 0
+
+
+TABLE = {"device": "a test CPU", "points": [{"tokens": 100_000, "val_loss": 6.0, "precision": "fp32"},
+                                            {"tokens": 400_000, "val_loss": 5.0, "precision": "fp32"},
+                                            {"tokens": 1_600_000, "val_loss": 4.0, "precision": "bf16"}]}
+
+
+@pytest.mark.parametrize("tokens_per_sec, loss, bound", [
+    (400_000 / 300, 5.0, None),  # on a measured budget: its loss
+    (200_000 / 300, 5.5, None),  # halfway in log tokens between 100k and 400k
+    (800_000 / 300, 4.5, None),
+    (50_000 / 300, 6.0, "at least"),  # fewer tokens than any measured budget: no better than the smallest
+    (9_000_000 / 300, 4.0, "at most"),
+])
+def test_main_job_forecast_interpolates_in_log_tokens(tokens_per_sec, loss, bound):
+    forecast = doctor.main_job_forecast(tokens_per_sec, "fp32", TABLE)
+    assert forecast["tokens"] == pytest.approx(tokens_per_sec * 300)
+    assert forecast["val_loss"] == pytest.approx(loss) and forecast["bound"] == bound
+    assert forecast["table_tokens"] == [100_000, 1_600_000] and forecast["table_precisions"] == ["bf16", "fp32"]
+
+
+def test_the_packaged_curve_is_the_benchmark_record():
+    """The table doctor reads is the one benchmarks/main_job_curve.py measured, falling with more tokens."""
+    table = json.loads(doctor.MAIN_JOB_CURVE.read_text())
+    record = json.loads((Path(__file__).parents[2] / "benchmarks/results/main_job_curve_cpu.json").read_text())
+    assert [(p["tokens"], p["val_loss"]) for p in table["points"]] == [(r["tokens"], r["val_loss"]) for r in record["rows"]]
+    losses = [p["val_loss"] for p in table["points"]]
+    assert len(losses) >= 3 and losses == sorted(losses, reverse=True)
+
+
+def test_doctor_prints_the_main_job_forecast(capsys):
+    report = doctor.doctor(quick=True)
+    job = report["main_job"]
+    assert job["tokens"] == pytest.approx(job["tokens_per_sec"] * 300) and 0 < job["val_loss"] < 10
+    text = doctor.format_report(report)
+    assert "the main job" in text and f"{job['val_loss']:.2f}" in text

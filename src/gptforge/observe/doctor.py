@@ -439,8 +439,9 @@ def _fused_adamw_text(kind: str, runs_on_cpu: bool) -> str:
     return f"optim.fused applies on CUDA and CPU; on {kind.upper()} AdamW is torch's loop over the parameters"
 
 
-def cpu_estimate(facts: dict[str, Any]) -> dict[str, Any] | None:
-    """Without a GPU: tokens each preset sees in five minutes here, from the measured rates."""
+def cpu_estimate(facts: dict[str, Any], precision: str = "fp32") -> dict[str, Any] | None:
+    """Without a GPU: tokens each preset sees in five minutes here, from the measured matmul rate of the
+    precision training uses here."""
     if facts["cuda"]["devices"]:
         return None
     from gptforge.config import PRESETS, ModelConfig
@@ -448,20 +449,23 @@ def cpu_estimate(facts: dict[str, Any]) -> dict[str, Any] | None:
 
     rates = (facts.get("rates") or {}).get("matmul_flops", {})
     step = facts.get("train_step")
-    fp32 = rates.get("fp32")
-    if not fp32:
+    if not rates.get(precision):
+        precision = "fp32"
+    peak = rates.get(precision)
+    if not peak:
         return None
     if step:
-        mfu = step["tokens_per_sec"] * step["flops_per_token"] / fp32
-        basis = f"the measured training step of the default model ({mfu:.0%} of the fp32 matmul rate)"
+        mfu = step["tokens_per_sec"] * step["flops_per_token"] / peak
+        basis = f"the measured training step of the default model ({mfu:.0%} of the {precision} matmul rate)"
     else:
         mfu = ASSUMED_MFU
-        basis = f"an assumed {ASSUMED_MFU:.0%} of the measured fp32 matmul rate (run without --quick to measure a step)"
+        basis = (f"an assumed {ASSUMED_MFU:.0%} of the measured {precision} matmul rate (run without --quick to "
+                 "measure a step)")
     models = {"tiny": PRESETS["tiny"], "default": {}, "small": PRESETS["small"]}
     rows = []
     for name, shape in models.items():
         cfg = ModelConfig(**{k: v for k, v in shape.items()})
-        tps = fp32 * mfu / flops_per_token(cfg)
+        tps = peak * mfu / flops_per_token(cfg)
         params = num_params(cfg)["total"]
         tokens = tps * FIVE_MINUTES_S
         rows.append({
@@ -474,6 +478,50 @@ def cpu_estimate(facts: dict[str, Any]) -> dict[str, Any] | None:
             "compute_optimal_minutes": CHINCHILLA_TOKENS_PER_PARAM * params / tps / 60,
         })
     return {"basis": basis, "mfu": mfu, "models": rows}
+
+
+MAIN_JOB_CURVE = Path(__file__).with_name("main_job_curve.json")
+
+
+def main_job_forecast(tokens_per_sec: float, precision: str, table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where `gptforge train` with no arguments should end here: the tokens 300 s of training reach at
+    `tokens_per_sec`, and the final validation loss the default recipe reached on that many tokens.
+
+    The end depends on the tokens alone (the schedule decays to its end on any budget), so the machine
+    enters only through its rate. The loss comes from full default runs with token budgets
+    (benchmarks/main_job_curve.py), interpolated linearly in log tokens; outside their range it is the
+    nearest end's, marked as a bound."""
+    import math
+
+    table = table if table is not None else json.loads(MAIN_JOB_CURVE.read_text())
+    points = sorted((p["tokens"], p["val_loss"]) for p in table["points"])
+    tokens = tokens_per_sec * FIVE_MINUTES_S
+    if tokens <= points[0][0]:
+        loss, bound = points[0][1], "at least"  # fewer tokens than the smallest budget: a higher loss
+    elif tokens >= points[-1][0]:
+        loss, bound = points[-1][1], "at most"
+    else:
+        (t0, l0), (t1, l1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= tokens <= b[0])
+        loss, bound = l0 + (l1 - l0) * math.log(tokens / t0) / math.log(t1 / t0), None
+    precisions = sorted({p["precision"] for p in table["points"]})
+    return {"tokens_per_sec": tokens_per_sec, "precision": precision, "tokens": tokens, "val_loss": loss,
+            "bound": bound, "table_tokens": [points[0][0], points[-1][0]], "table_device": table["device"],
+            "table_precisions": precisions}
+
+
+def _forecast(facts: dict[str, Any], estimate: dict[str, Any] | None, precision: str) -> dict[str, Any] | None:
+    """The main job's forecast from the measured step, or on a CPU without one from the estimate."""
+    step = facts.get("train_step")
+    if step:
+        forecast = main_job_forecast(step["tokens_per_sec"], step["precision"])
+        forecast["rate_from"] = "a measured training step of the default model"
+    elif estimate:
+        default = next(m for m in estimate["models"] if m["model"] == "default")
+        forecast = main_job_forecast(default["tokens_per_sec"], precision)
+        forecast["rate_from"] = "estimated from the matmul rate; run without --quick to measure a step"
+    else:
+        return None
+    return forecast
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,7 +557,9 @@ def doctor(quick: bool = False) -> dict[str, Any]:
     settings, automatic = recommend(facts)
     precision = next(r["value"] for r in settings if r["key"] == "speed.precision")
     facts["train_step"] = measure_train_step(torch.device(kind), precision, quick)
-    return {"facts": facts, "recommendations": settings, "automatic": automatic, "cpu_estimate": cpu_estimate(facts)}
+    estimate = cpu_estimate(facts, precision)
+    return {"facts": facts, "recommendations": settings, "automatic": automatic, "cpu_estimate": estimate,
+            "main_job": _forecast(facts, estimate, precision)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -570,6 +620,18 @@ def format_report(report: dict[str, Any]) -> str:
     add("automatic (nothing to set)")
     for x in report["automatic"]:
         add(f"  {x['what']}: {x['reason']}")
+    job = report.get("main_job")
+    if job:
+        add("")
+        add("the main job (`gptforge train`: 5 minutes of training, the built-in corpus)")
+        low, high = job["table_tokens"]
+        add(f"  at {job['tokens_per_sec']:,.0f} tokens/s ({job['rate_from']}, {job['precision']}) it trains on about "
+            f"{job['tokens'] / 1e6:.2f}M tokens")
+        bound = f"{job['bound']} " if job["bound"] else "about "
+        add(f"  and should end at a validation loss of {bound}{job['val_loss']:.2f}: the default recipe's final loss "
+            f"for that many tokens, from runs of {low / 1e6:.2f}M-{high / 1e6:.2f}M tokens "
+            f"({job['table_device']}, {'/'.join(job['table_precisions'])}; benchmarks/main_job_curve.py)")
+        add("  Other work on the machine lowers the rate, and so the tokens; each budget is one run of one seed.")
     est = report.get("cpu_estimate")
     if est:
         add("")
