@@ -69,7 +69,9 @@ def test_sample_and_eval(trained, capsys):
     assert capsys.readouterr().out == first  # a seed makes a sample repeatable
 
     assert main(["eval", str(trained), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert captured.err.splitlines()[-1].startswith("eval: ") and "batches (100%)" in captured.err
     assert {"val_loss", "val_bpb", "perplexity"} <= set(result)
     assert 0 < result["val_bpb"] < 8 and result["perplexity"] > 1
 

@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
-    from gptforge.observe.progress import Progress
+    from gptforge.progress import Progress
 
     with Progress("eval", len(batches), "batches") as bar:
         result = evaluate(run.model, bar.track(batches), resolve_precision(args.precision, device), token_bytes,

@@ -25,7 +25,7 @@ import yaml
 from gptforge import __version__
 from gptforge.config import Config, canonical_key, close_keys, describe_keys, from_dict, load_config, save_config
 from gptforge.errors import CheckpointError, ConfigError, DataError, GptforgeError
-from gptforge.observe.progress import clock_text, eta_s
+from gptforge.progress import clock_text, eta_s
 
 STUDY_NAME = "gptforge"
 PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials have completed

@@ -50,8 +50,12 @@ def test_one_row_per_variant_with_every_field(variants):
 
 def test_json_output_parses_and_the_table_prints(variants, capsys):
     assert run_compare(parse([*map(str, variants[:2]), "--tokens", "2", "--json", "--device", "cpu"])) == 0
-    rows = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)  # progress goes to stderr: stdout stays one JSON document
     assert len(rows) == 2 and set(rows[0]) == set(FIELDS)
+    progress = [line for line in captured.err.splitlines() if line.startswith("compare: ")]
+    assert progress[0].startswith("compare: 0/2 runs") and progress[-1].startswith("compare: 2/2 runs (100%)")
+    assert all("elapsed " in line for line in progress)
     assert run_compare(parse([str(variants[0]), "--tokens", "2", "--device", "cpu"])) == 0
     assert "val loss" in capsys.readouterr().out
 

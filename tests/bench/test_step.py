@@ -6,8 +6,10 @@ from gptforge.config import load_config
 from gptforge.observe.phases import PhaseTimer
 
 
-def test_bench_record_has_what_a_result_file_needs(small_data):
+def test_bench_record_has_what_a_result_file_needs(small_data, capsys):
     record = bench(load_config(None, [f"data.dir={small_data}", "model.preset=tiny", "train.batch_size=4"]), steps=3, warmup=1)
+    last = capsys.readouterr().err.splitlines()[-1]  # the progress: warm-up and timed steps, to the end
+    assert last.startswith("bench: 4/4 steps (100%)") and "| step " in last and " ms" in last
     for key in ("device", "torch", "cuda", "git_sha", "command", "config", "model", "tokens_per_sec", "mfu",
                 "mfu_datasheet", "peak_flops_measured", "peak_mem_gb", "step_times_s", "median_data_wait_s",
                 "median_split_s", "split_times_s"):

@@ -36,8 +36,11 @@ def test_smoothing_is_bias_corrected_and_steepest_descent_is_found():
     assert not rising["loss_fell"] and rising["steepest"] == lrs[0]
 
 
-def test_sweep_records_every_step_on_an_exponential_grid(small_data):
+def test_sweep_records_every_step_on_an_exponential_grid(small_data, capsys):
     record = lrf.lr_find(config(small_data), min_lr=1e-5, max_lr=1e-2, steps=12)
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lr-find: ")]
+    assert progress[0].startswith("lr-find: 0/12 steps") and progress[-1].startswith("lr-find: 12/12 steps (100%)")
+    assert "| eta 0:00 | lr 1.00e-02 | loss " in progress[-1]
     lrs = record["lrs"]
     assert len(lrs) == len(record["losses"]) == len(record["smoothed"]) == 12
     assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-2)

@@ -27,7 +27,7 @@ from gptforge.data.loader import val_batches
 from gptforge.errors import GptforgeError
 from gptforge.evaluate.generate import generate, prompt_ids
 from gptforge.evaluate.loss import evaluate
-from gptforge.observe.progress import Progress
+from gptforge.progress import Progress
 from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
 from gptforge.runtime import pick_device, resolve_precision, synchronize

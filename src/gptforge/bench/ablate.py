@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from gptforge.errors import GptforgeError
-from gptforge.observe.progress import clock_text, eta_s
+from gptforge.progress import clock_text, eta_s
 
 RULE = ("cumulative: each rung adds its switch to the best configuration so far and is kept only if its tokens/s "
         "beat that configuration's; memory is reported, not ranked")

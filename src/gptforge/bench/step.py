@@ -22,7 +22,7 @@ from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import datasheet_peak, measured_peak
 from gptforge.observe.phases import PHASES, PhaseTimer
-from gptforge.observe.progress import Progress
+from gptforge.progress import Progress
 from gptforge.parallel.world import World, running_world
 from gptforge.runtime import peak_memory_gb, synchronize
 from gptforge.train.builder import build

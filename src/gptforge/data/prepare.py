@@ -43,7 +43,7 @@ from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
 from gptforge.data.shards import ShardWriter, read_header
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.fileio import fsync_dir, sha256_file
-from gptforge.observe.progress import Progress
+from gptforge.progress import Progress
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
 SHORT_DOCUMENT_TOKENS = 64

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gptforge.observe.progress import clock_text, eta_s
+from gptforge.progress import clock_text, eta_s
 
 _console = Console(highlight=False, soft_wrap=True)  # a log line stays one line
 

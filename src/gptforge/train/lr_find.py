@@ -27,7 +27,7 @@ from gptforge.data.loader import TokenLoader
 from gptforge.errors import GptforgeError
 from gptforge.fileio import atomic_write_text
 from gptforge.observe.environment import environment
-from gptforge.observe.progress import Progress
+from gptforge.progress import Progress
 from gptforge.parallel.world import World, running_world
 from gptforge.train.builder import build
 from gptforge.train.optim import OPTIMIZERS

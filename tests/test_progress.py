@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gptforge.observe.console import TrainProgress
-from gptforge.observe.progress import Progress, clock_text, eta_s
+from gptforge.progress import Progress, clock_text, eta_s
 
 
 class Clock:
