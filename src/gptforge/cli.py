@@ -219,8 +219,10 @@ def _prepare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
     p.add_argument("--text-field", default="text", help="JSONL key holding the text")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.005,
-                   help="share of documents held out for validation, chosen by a hash of each document")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the tokens held out for validation, in whole documents chosen by hash where "
+                   "the corpus has enough of them, else cut off the end of each document at a line break "
+                   "(default: 0.5%%, but at least 200 windows of 1024 tokens and at most 10%% of the corpus)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file")
     p.add_argument("--dedup", choices=("exact", "near", "none"), default="exact",
                    help="drop repeated documents: 'exact' (same text up to whitespace; the default), 'near' (also "

@@ -13,7 +13,8 @@ import pytest
 from gptforge.cli import build_parser
 from gptforge.data.curate import Blocklist, Deduplicator, scrub_pii
 from gptforge.data.datadir import load_data_dir
-from gptforge.data.prepare import is_val, prepare, run_prepare
+from gptforge.data.prepare import prepare, run_prepare
+from gptforge.data.split import doc_hash
 from gptforge.data.shards import open_shard
 from gptforge.errors import ConfigError, DataError
 
@@ -47,7 +48,9 @@ def stored(data_dir: Path) -> dict[str, list[str]]:
 
 
 def run(folder: Path, out: Path, **options) -> dict:
-    return prepare([str(folder)], out, tokenizer="bytes", progress=False, **options)
+    """prepare with bytes; the split (data/split.py) is tested on its own, so by default it keeps these small
+    corpora's documents whole: no val share asked, one document moved to val."""
+    return prepare([str(folder)], out, tokenizer="bytes", progress=False, **{"val_fraction": 0.0, **options})
 
 
 def recipe(seed: int, words: int = 300) -> str:
@@ -139,9 +142,11 @@ def test_split_is_decided_on_the_scrubbed_text(tmp_path):
     write_docs(tmp_path / "in", texts)
     manifest = run(tmp_path / "in", tmp_path / "out", scrub_pii=True, val_fraction=0.3)
     scrubbed = [f"write to <EMAIL> about item {i}" for i in range(40)]
-    assert [is_val(t, 0.3) for t in texts] != [is_val(t, 0.3) for t in scrubbed]  # the choice matters here
+    assert manifest["split"]["method"] == "documents"
+    threshold = manifest["split"]["threshold"]
+    assert [doc_hash(t) < threshold for t in texts] != [doc_hash(t) < threshold for t in scrubbed]  # it matters
     kept = stored(tmp_path / "out")
-    assert sorted(kept["val"]) == sorted(t for t in scrubbed if is_val(t, 0.3))
+    assert sorted(kept["val"]) == sorted(t for t in scrubbed if doc_hash(t) < threshold)
     assert manifest["pii_scrubbed"] == {"email": 40, "phone": 0, "secret": 0}
 
 

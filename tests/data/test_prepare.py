@@ -15,10 +15,10 @@ from gptforge.cli import build_parser
 from gptforge.data import corpus
 from gptforge.data import prepare as prepare_module
 from gptforge.data.datadir import load_data_dir
+from gptforge.data.split import doc_hash
 from gptforge.data.prepare import (
     OutputExistsError,
     builtin_data_dir,
-    is_val,
     prepare,
     run_prepare,
 )
@@ -105,7 +105,7 @@ def small(**kwargs) -> dict:
 
 
 def test_mixed_inputs_count_every_skip_with_locations(mixed, tmp_path):
-    manifest = prepare([str(mixed)], tmp_path / "out", **small())
+    manifest = prepare([str(mixed)], tmp_path / "out", **small(val_fraction=0.0))  # one val document: the counts stay per document
     assert manifest["skipped"] == {
         "not_regular": 2, "empty": 5, "binary": 1, "invalid_utf8": 3, "malformed_json": 1, "too_long": 0,
         "too_deep": 1, "missing_field": 4, "non_string_field": 3, "unreadable": 2,
@@ -153,7 +153,7 @@ def test_manifest_describes_the_output(mixed, tmp_path):
 def test_literal_end_of_text_inside_documents_is_not_a_boundary(tmp_path):
     texts = [f"see {EOT} here", "plain", f"{EOT}"]
     write_docs(tmp_path / "in", texts)
-    prepare([str(tmp_path / "in")], tmp_path / "out", **small())
+    prepare([str(tmp_path / "in")], tmp_path / "out", **small(val_fraction=0.0))  # documents whole
     assert sorted(documents(tmp_path / "out", "train") + documents(tmp_path / "out", "val")) == sorted(texts)
 
 
@@ -196,48 +196,58 @@ def test_progress_is_silent_when_stdout_is_not_a_terminal(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def is_val(text: str, manifest: dict) -> bool:
+    assert manifest["split"]["method"] == "documents"
+    return doc_hash(text) < manifest["split"]["threshold"]
+
+
 def test_split_follows_content_hash(tmp_path):
     texts = [f"document number {i}\n" * 3 for i in range(40)]
     write_docs(tmp_path / "in", texts + texts)  # every document twice
-    prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", val_fraction=0.3))
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", val_fraction=0.3))
     train, val = documents(tmp_path / "out", "train"), documents(tmp_path / "out", "val")
-    assert sorted(val) == sorted(2 * [t for t in texts if is_val(t, 0.3)]) and val
+    assert sorted(val) == sorted(2 * [t for t in texts if is_val(t, manifest)]) and val
     assert not set(train) & set(val)
 
 
-def test_is_val_is_blake2b_of_the_text():
+def test_doc_hash_is_blake2b_of_the_text():
     for text in ["a", "b", "ünïcode", "x" * 1000]:
-        digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-        assert is_val(text, 0.25) == (digest % 1_000_000 < 250_000)
-    assert not is_val("anything", 0.0)
+        assert doc_hash(text) == int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-def test_small_corpus_still_gets_a_val_document(tmp_path):
-    texts = ["first small document", "second small document", "third small document"]
-    assert not any(is_val(t, 0.005) for t in texts)
+def test_a_few_documents_are_each_cut_at_a_line(tmp_path):
+    texts = [f"first line of {name}\nsecond line of {name}\nthird line\n" for name in ("one", "two", "three")]
     write_docs(tmp_path / "in", texts)
-    splits = prepare([str(tmp_path / "in")], tmp_path / "out", **small())["splits"]
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", val_fraction=0.3))
+    assert manifest["split"]["method"] == "inside_documents" and manifest["split"]["boundaries"]["line"] == 3
+    train, val = documents(tmp_path / "out", "train"), documents(tmp_path / "out", "val")
+    assert sorted(head + tail for head, tail in zip(train, val)) == sorted(texts)  # the cut loses nothing
+    assert all(head.endswith("\n") for head in train) and all(tail == "third line\n" for tail in val)
+
+
+def test_no_val_asked_still_gets_a_val_document(tmp_path):
+    texts = ["first small document", "second small document", "third small document"]
+    write_docs(tmp_path / "in", texts)
+    splits = prepare([str(tmp_path / "in")], tmp_path / "out", **small(val_fraction=0.0))["splits"]
     assert (splits["train"]["documents"], splits["val"]["documents"]) == (2, 1)
     assert documents(tmp_path / "out", "val") == [texts[-1]]
 
 
-def test_corpus_hashed_entirely_to_val_still_gets_train(tmp_path):
-    texts = ["alpha", "beta", "gamma"]
-    assert all(is_val(t, 0.99) for t in texts)
-    write_docs(tmp_path / "in", texts)
-    splits = prepare([str(tmp_path / "in")], tmp_path / "out", **small(val_fraction=0.99))["splits"]
-    assert (splits["train"]["documents"], splits["val"]["documents"]) == (1, 2)
-
-
-@pytest.mark.parametrize("text, train_tokens, val_tokens", [("abcdefghijklmnopqrst", 19, 2), ("a", 1, 1)])
-def test_single_document_is_cut_ninety_ten(tmp_path, text, train_tokens, val_tokens):
+@pytest.mark.parametrize("text, parts", [("abcdefghijklmnopqrst", ("abcdefghijklmnopqr", "st")),
+                                         ("two words", ("two", " words"))])
+def test_single_document_is_cut_ninety_ten(tmp_path, text, parts):
     (tmp_path / "one.txt").write_text(text)
     manifest = prepare([str(tmp_path / "one.txt")], tmp_path / "out", **small(tokenizer="bytes"))
-    assert manifest["splits"]["train"]["tokens"] == train_tokens
-    assert manifest["splits"]["val"]["tokens"] == val_tokens
+    assert manifest["split"]["method"] == "inside_documents" and manifest["split"]["target_share"] == 0.1
     data = load_data_dir(tmp_path / "out")
-    stream = open_shard(data.train[0].path).tolist() + open_shard(data.val[0].path).tolist()
-    assert stream == list(text.encode()) + [256]
+    assert open_shard(data.train[0].path).tolist() == list(parts[0].encode()) + [256]
+    assert open_shard(data.val[0].path).tolist() == list(parts[1].encode()) + [256]
+
+
+def test_a_one_character_document_is_cut_between_its_tokens(tmp_path):
+    (tmp_path / "one.txt").write_text("a")
+    manifest = prepare([str(tmp_path / "one.txt")], tmp_path / "out", **small(tokenizer="bytes"))
+    assert (manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]) == (1, 1)
 
 
 def test_prepare_is_deterministic(mixed, tmp_path):
@@ -324,7 +334,7 @@ def test_text_field_and_column_are_configurable(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "from jsonl"}\n{"body": "again"}\n')
     write_parquet(tmp_path / "b.parquet", content=["from parquet"])
     manifest = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], tmp_path / "out",
-                       **small(text_field="body", text_column="content"))
+                       **small(text_field="body", text_column="content", val_fraction=0.0))
     assert sum(s["documents"] for s in manifest["splits"].values()) == 3
 
 
@@ -396,7 +406,7 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
 
 def builtin_path(root: Path, suffix: str) -> Path:
-    return root / "data" / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{suffix}"
+    return root / "data" / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{suffix}-v2"
 
 
 def test_builtin_data_dir_prepares_once(tmp_path, monkeypatch):
@@ -515,7 +525,7 @@ def test_non_regular_inputs_named_directly_are_skipped_not_opened(tmp_path):
 
 def test_the_manifest_and_summary_count_cut_documents(tiny_limits, tmp_path, capsys):
     write_docs(tmp_path / "in", ["short one", "long document " * 30])
-    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes"))
+    manifest = prepare([str(tmp_path / "in")], tmp_path / "out", **small(tokenizer="bytes", val_fraction=0.0))
     stats = manifest["stats"]
     assert (stats["split_documents"], stats["split_pieces"]) == (1, 5)
     assert stats["split_examples"] == [str(tmp_path / "in" / "doc001.txt")]

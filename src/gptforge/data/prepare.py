@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,12 +41,15 @@ from gptforge.data.corpus import (
 from gptforge.data.curate import CURATION_SKIP_REASONS, DEDUP_MODES, PII_KINDS, Blocklist, Curator, Deduplicator
 from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
 from gptforge.data.shards import ShardWriter, read_header
+from gptforge.data.split import MIN_WINDOWS, WINDOW, SplitPlan, SplitPlanner, target_share
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.fileio import fsync_dir, sha256_file
 from gptforge.progress import Progress
 from gptforge.errors import ConfigError, DataError, GptforgeError
 
 SHORT_DOCUMENT_TOKENS = 64
+BUILTIN_VERSION = 2  # in the built-in corpus's cache folder name; 2: val split by a share of the tokens
+PLAN_SAMPLE_CHARS = 1 << 20  # text encoded while planning the split, to turn characters into tokens
 BATCH_CHARS = 2 << 20  # per encode_batch call: enough documents to keep cores busy; encoding costs ~120 MB per MiB
 PID_LIMIT = 1 << 22  # no system hands out larger process ids (Linux's ceiling)
 ALL_SKIP_REASONS = {**SKIP_REASONS, **CURATION_SKIP_REASONS}
@@ -57,12 +60,6 @@ class OutputExistsError(DataError):
 
 
 # ---------------------------------------------------------------- splitting
-
-
-def is_val(text: str, val_fraction: float) -> bool:
-    """Deterministic per-document split: identical documents always land in the same split."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % 1_000_000 < val_fraction * 1_000_000
 
 
 class SplitWriter:
@@ -117,7 +114,8 @@ class SplitWriter:
 
 
 def _check_options(
-    tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int, dedup: str, near_dup_threshold: float
+    tokenizer: str, vocab_size: int, val_fraction: float | None, shard_tokens: int, dedup: str,
+    near_dup_threshold: float,
 ) -> None:
     """Refuse bad options before any work, so a typo never costs a first pass over the corpus."""
     if tokenizer not in ("bpe", "bytes") and not Path(tokenizer).exists():
@@ -126,7 +124,7 @@ def _check_options(
         )
     if tokenizer == "bpe" and vocab_size < 257:
         raise ConfigError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
-    if not 0 <= val_fraction < 1:
+    if val_fraction is not None and not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ConfigError(f"--shard-tokens must be positive, got {shard_tokens}")
@@ -250,7 +248,7 @@ def prepare(
     vocab_size: int = 8192,
     text_field: str = "text",
     text_column: str = "text",
-    val_fraction: float = 0.005,
+    val_fraction: float | None = None,
     shard_tokens: int = 100_000_000,
     force: bool = False,
     progress: bool = True,
@@ -263,9 +261,10 @@ def prepare(
     """Tokenize `inputs` (the built-in corpus when empty) into DATA_DIR `out`; returns the manifest.
 
     A BPE tokenizer is trained on a first pass over the documents (or the first
-    `max_train_docs_for_tokenizer` of them); the second pass tokenizes. Both passes
-    see the curated text (see `gptforge.data.curate`), so the tokenizer learns from
-    exactly what gets tokenized. Curation is off unless asked for: called as a
+    `max_train_docs_for_tokenizer` of them); a second pass plans the train/val split
+    (data/split.py: val gets `val_fraction` of the tokens, None for the default share);
+    the third tokenizes. Every pass sees the curated text (see `gptforge.data.curate`),
+    so the tokenizer learns from exactly what gets tokenized. Curation is off unless asked for: called as a
     library, `prepare` keeps every usable document as it is (`gptforge prepare`
     deduplicates exactly by default).
     """
@@ -293,8 +292,9 @@ def prepare(
                                          first_reader.skip)
         training_texts = (text for text, _ in islice(first_pass, max_train_docs_for_tokenizer))
         kind, tok = _make_tokenizer(tokenizer, vocab_size, training_texts)
+        plan = _plan_split(Reader(files, text_field, text_column), curator(), tok, val_fraction, progress)
         reader, curation = Reader(files, text_field, text_column), curator()
-        splits, short = _tokenize(reader, curation, tok, progress, tmp, val_fraction, shard_tokens)
+        splits, short = _tokenize(reader, curation, tok, progress, tmp, plan, shard_tokens)
         _write_durably(tmp / "tokenizer.json", tok.to_json())
         # A curation reason is listed when its step ran, so a manifest without curation reads as before.
         reasons = [*SKIP_REASONS, *curation.reasons]
@@ -303,6 +303,7 @@ def prepare(
             "format_version": FORMAT_VERSION,
             "tokenizer": {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "splits": splits,
+            "split": _split_record(plan, splits),
             "skipped": {reason: reader.skipped[reason] for reason in reasons},
             "skipped_examples": {reason: reader.examples.get(reason, []) for reason in reasons},
             "curation": {
@@ -335,12 +336,32 @@ def prepare(
     return manifest
 
 
+def _plan_split(reader: Reader, curator: Curator, tok: Tokenizer, val_fraction: float | None,
+                progress: bool) -> SplitPlan:
+    """Second pass: characters per hash bucket, and tokens per character on the first PLAN_SAMPLE_CHARS, so
+    the split can aim at a share of the tokens before any is written."""
+    planner, sample, sampled = SplitPlanner(), [], 0
+    for text, location in curator.documents(_tracked(reader, "prepare: planning the split", progress), reader.skip):
+        planner.add(text, continues=_continues(location))
+        if sampled < PLAN_SAMPLE_CHARS:
+            sample.append(text[: PLAN_SAMPLE_CHARS - sampled])
+            sampled += len(sample[-1])
+    sample_tokens = sum(len(ids) for ids in tok.encode_batch(sample)) if sample else 0
+    est_tokens = planner.total_chars * sample_tokens / sampled if sampled else 0.0
+    return planner.plan(target_share(val_fraction, est_tokens))
+
+
+def _continues(location: str) -> bool:
+    """Whether a document is a later piece of a long one (corpus.py names them `PATH part N`)."""
+    return re.search(r" part \d+$", location) is not None
+
+
 def _tokenize(
-    reader: Reader, curator: Curator, tok: Tokenizer, progress: bool, out_dir: Path, val_fraction: float,
+    reader: Reader, curator: Curator, tok: Tokenizer, progress: bool, out_dir: Path, plan: SplitPlan,
     shard_tokens: int,
 ) -> tuple[dict, int]:
-    """Second pass: tokenize every curated document into split shards; returns the manifest's splits and
-    the number of short documents.
+    """Third pass: tokenize every curated document into split shards, placed by `plan`; returns the
+    manifest's splits and the number of short documents.
 
     Curation comes before the split, which hashes the final text: duplicates are gone
     before they could land on both sides, and a scrubbed document is placed by what
@@ -348,12 +369,14 @@ def _tokenize(
     writer = SplitWriter(out_dir, tok.vocab_size, shard_tokens)
     short = 0
     for batch in _batches(curator.documents(_tracked(reader, "prepare: tokenizing", progress), reader.skip)):
-        for (text, location), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
+        parts = [(split, part, location) for text, location in batch
+                 for split, part in plan.place(text, continues=_continues(location))]
+        for (split, _, location), ids in zip(parts, tok.encode_batch([part for _, part, _ in parts])):
             if not ids:  # possible with tokenizers whose normalizer drops characters
                 reader.skip("empty", location)
                 continue
             short += len(ids) < SHORT_DOCUMENT_TOKENS
-            writer.add("val" if is_val(text, val_fraction) else "train", ids + [tok.eot_id])
+            writer.add(split, ids + [tok.eot_id])
         writer.flush()
     if not any(writer.documents.values()):
         raise DataError(f"no usable documents in {len(reader.files)} input files: {_skip_summary(reader)}")
@@ -369,6 +392,16 @@ def _tokenize(
     return splits, short
 
 
+def _split_record(plan: SplitPlan, splits: dict) -> dict:
+    """How the split was made and what val holds: tokens, share, windows of 256 and of WINDOW tokens, and
+    the tokens it is short of MIN_WINDOWS windows by (0 when it is not)."""
+    val, total = splits["val"]["tokens"], splits["val"]["tokens"] + splits["train"]["tokens"]
+    return {**plan.to_dict(), "val_share": round(val / total, 6) if total else 0.0,
+            "val_windows": {str(n): val // n for n in (256, WINDOW)},
+            "short_of_min_windows_by": max(0, MIN_WINDOWS * WINDOW - val), "min_windows": MIN_WINDOWS,
+            "window": WINDOW}
+
+
 # ---------------------------------------------------------------- the built-in corpus, prepared
 
 
@@ -381,7 +414,7 @@ def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: b
     if tokenizer not in ("bpe", "bytes"):
         raise ConfigError(f"built-in corpus tokenizer must be 'bpe' or 'bytes', got {tokenizer!r}")
     name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{tokenizer}"
-    out = cache_root() / "data" / (f"{name}{vocab_size}" if tokenizer == "bpe" else name)
+    out = cache_root() / "data" / f"{name}{vocab_size if tokenizer == 'bpe' else ''}-v{BUILTIN_VERSION}"
     if not (out / "manifest.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -429,6 +462,18 @@ def summary_table(manifest: dict, out: str | Path) -> Table:
         table.add_row(
             split, f"{info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)"
         )
+    split = manifest.get("split")
+    if split:
+        windows = split["val_windows"]
+        how = "whole documents" if split["method"] == "documents" else \
+            "each document cut at a boundary (" + ", ".join(f"{n:,} at a {kind}" for kind, n in split["boundaries"].items()
+                                                           if n) + ")"
+        table.add_row("val split", f"{100 * split['val_share']:.2f}% of the tokens (target {100 * split['target_share']:.2f}%), "
+                      f"{windows['256']:,} windows of 256 / {windows[str(split['window'])]:,} of {split['window']}; {how}")
+        if split["short_of_min_windows_by"]:
+            table.add_row("val is small", f"{split['short_of_min_windows_by']:,} tokens short of {split['min_windows']} "
+                          f"windows of {split['window']}: the corpus is small; --val-fraction raises the share",
+                          style="yellow")
     table.add_row("short documents", f"{stats['short_documents']:,} (< {SHORT_DOCUMENT_TOKENS} tokens, kept)")
     if stats.get("split_documents"):
         table.add_row("long documents", escape(

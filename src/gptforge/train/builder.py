@@ -118,7 +118,7 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, masks, guard)
     return Trainee(cfg, world, data, device, precision, raw_model, model, optimizer, scaler, comm,
                    loader=_loader(cfg, data, world, device, resume), stepper=stepper,
-                   val=_validation(cfg, data, world) if validation else None,
+                   val=_validation(cfg, data, world, report) if validation else None,
                    augment=Augmenter.from_config(cfg.data, data.vocab_size))
 
 
@@ -197,6 +197,16 @@ def _loader(cfg: Config, data: DataDir, world: World, device: torch.device, resu
                        prefetch=cfg.data.prefetch, state=resume.state.loader if resume else None)
 
 
-def _validation(cfg: Config, data: DataDir, world: World) -> list:
-    return val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens,
-                       world.rank, world.world_size)
+def _validation(cfg: Config, data: DataDir, world: World, report: Callable[[str], None]) -> list:
+    """The fixed validation batches; a warning when the val split holds fewer windows than eval.tokens asks."""
+    batches = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens,
+                          world.rank, world.world_size)
+    asked = cfg.eval.tokens // cfg.model.block_size
+    windows = sum(len(x) for x, _ in batches) * world.world_size
+    if windows < asked:
+        held = sum(shard.num_tokens for shard in data.val)
+        report(f"[yellow]validation: {data.path} holds {held:,} val tokens, {windows} windows of model.block_size "
+               f"{cfg.model.block_size}, fewer than the {asked} that eval.tokens={cfg.eval.tokens:,} asks for; "
+               "every val loss rests on those. Prepare the data again with a larger --val-fraction (the default "
+               "gives val at least 200 windows of 1024 tokens where the corpus allows), or lower eval.tokens.[/]")
+    return batches
