@@ -82,7 +82,7 @@ def test_train_lines_carry_elapsed_time_and_the_budget_eta(capsys, monkeypatch):
 def test_the_first_line_of_a_logged_train_run_comes_before_the_step_0_evaluation(small_data, tmp_path):
     """stdout to a pipe, as to a log file: the banner shows within seconds, before any evaluation."""
     command = [sys.executable, "-m", "gptforge", "train", f"data.dir={small_data}", f"run.dir={tmp_path / 'run'}",
-               "model.preset=tiny", "train.max_steps=3", "train.log_every=1", "train.samples=0",
+               "model.preset=tiny", "train.max_steps=3", "train.log_every=1", "train.samples=0", "eval.tokens=4096",
                "run.tensorboard=false"]
     start = time.monotonic()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
