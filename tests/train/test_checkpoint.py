@@ -188,6 +188,24 @@ def test_a_listed_sharded_metadata_pickle_cannot_run_code(tmp_path):
     assert not Payload.marker.exists()
 
 
+def test_a_sharded_manifest_needs_a_state_that_says_sharded(tmp_path):
+    """dcp/.metadata is opened only where manifest and state.json agree: a state.json without the layout
+    (or saying full) beside a resealed sharded manifest is a damaged checkpoint."""
+    from gptforge.parallel.distribute import save_sharded
+
+    model, opt = _trained(3)
+    staged = checkpoint.staging_dir(tmp_path, 3, tag="sharded")
+    staged.mkdir(parents=True)
+    save_sharded(model, opt, staged / "dcp")
+    path = checkpoint.save_checkpoint(tmp_path, 3, model=None, optimizer=None, staged=staged,
+                                      state={"step": 3, "tokens": 0, "config": CONFIG.to_dict()})
+    state = json.loads((path / "state.json").read_text())
+    assert state.pop("layout") == "sharded" and checkpoint.verify(path) == []
+    (path / "state.json").write_text(json.dumps(state))
+    _reseal(path)
+    assert any("layout is 'full' but the manifest lists a sharded checkpoint" in p for p in checkpoint.verify(path))
+
+
 def test_non_tensor_values_of_a_sharded_checkpoint_are_read_weights_only(tmp_path):
     """torch's own planner reads a sharded checkpoint's non-tensor values with a full unpickle; gptforge's
     refuses a payload there, and nothing runs."""

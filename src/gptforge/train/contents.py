@@ -40,8 +40,9 @@ def check_contents(path: Path, layout: str, folder_step: int | None) -> list[str
     problems = [f"{state_file}: {p}" for p in state_problems(raw, folder_step)]
     if problems:
         return problems
-    if raw.get("layout", layout) != layout:
-        return [f"{state_file}: layout is {raw['layout']!r} but the manifest lists a {layout} checkpoint"]
+    stated = raw.get("layout", "full")  # written since sharded checkpoints exist; one without it is full
+    if stated != layout:  # so torch opens dcp/.metadata only where manifest and state.json both say sharded
+        return [f"{state_file}: layout is {stated!r} but the manifest lists a {layout} checkpoint"]
     try:
         cfg = from_dict(raw["config"], source=f"{state_file}: config")
         check_fits(cfg.model, bytes_per_param=4, device="cpu", what="its fp32 weights")
