@@ -37,6 +37,14 @@ def prepared(tmp_path, texts, **options):
 # ---------------------------------------------------------------- the rules
 
 
+def test_a_later_piece_is_known_by_its_location():
+    from gptforge.data.corpus import is_later_piece
+
+    assert is_later_piece("data/big.txt part 2") and is_later_piece("a part b.txt part 13")
+    assert not is_later_piece("data/big.txt") and not is_later_piece("data/x part 1") \
+        and not is_later_piece("notes part two.txt")
+
+
 @pytest.mark.parametrize("tokens, share", [
     (100e6, 0.005),  # a large corpus: the default share already holds 200 windows of 1024
     (10e6, 200 * 1024 / 10e6),  # a middling one: raised to 200 windows
@@ -63,7 +71,7 @@ def test_the_planner_has_bounded_memory_and_counts_pieces_with_their_document():
     planner = SplitPlanner()
     planner.add("first piece of a long document")
     planner.add("second piece", continues=True)
-    assert planner.chars.nbytes == 8 << split.BUCKET_BITS and planner.total_chars == 42
+    assert planner.chars.nbytes == 8 << split.BUCKET_BITS and planner.total_chars == 42 and planner.documents == 1
     assert planner.chars[split.doc_hash("first piece of a long document") >> (64 - split.BUCKET_BITS)] == 42
 
 
@@ -167,3 +175,16 @@ def test_train_warns_when_val_has_fewer_windows_than_eval_tokens_asks(tmp_path, 
     assert code == 0
     out = capsys.readouterr().out
     assert "fewer than the 15625 that eval.tokens=1,000,000 asks for" in out and "--val-fraction" in out
+
+
+def test_the_pieces_of_a_long_document_follow_its_first(tmp_path, monkeypatch):
+    from gptforge.data import corpus
+
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)  # every document below comes in several pieces
+    monkeypatch.setattr(corpus, "READ_BYTES", 37)
+    texts = [f"document {i}: " + lines(20, seed=i, words=5) for i in range(40)]
+    manifest, _ = prepared(tmp_path, texts, val_fraction=0.2)
+    assert manifest["split"]["method"] == "documents" and manifest["stats"]["split_pieces"] > 40
+    train, val = "".join(documents(tmp_path / "out", "train")), "".join(documents(tmp_path / "out", "val"))
+    for text in texts:  # each document whole on one side
+        assert (text[:50] in train) != (text[:50] in val) and text[-30:] in (train if text[:50] in train else val)

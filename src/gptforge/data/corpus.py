@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gptforge.errors import DataError
 
+PIECE_MARK = " part "  # a later piece's location: `data/big.txt part 2`
 MAX_DOCUMENT_CHARS = 1 << 20  # longer documents are cut into pieces of at most this many characters
 MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped, read past in chunks
 READ_BYTES = 1 << 20  # chunk size for files longer than one piece
@@ -106,6 +107,13 @@ def parquet_module():
     except ImportError as exc:
         raise DataError("reading .parquet files needs pyarrow: pip install gptforge[parquet]") from exc
     return pyarrow.parquet
+
+
+def is_later_piece(location: str) -> bool:
+    """Whether a document's location (as Reader.documents gives it) names the second or a later piece of a
+    long document."""
+    head, mark, number = location.rpartition(PIECE_MARK)
+    return bool(mark) and number.isdigit() and int(number) >= 2
 
 
 def pieces(chunks: Iterable[str]) -> Iterator[str]:
@@ -191,7 +199,7 @@ class Reader:
         """One usable document, in pieces when it is longer than MAX_DOCUMENT_CHARS."""
         count = 0
         for count, piece in enumerate(pieces(chunks), 1):
-            yield piece, location if count == 1 else f"{location} part {count}"
+            yield piece, location if count == 1 else f"{location}{PIECE_MARK}{count}"
             if self.first_piece_only:
                 return
         if count > 1:

@@ -13,7 +13,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from gptforge.data.corpus import (
     cache_root,
     collect_files,
     file_size,
+    is_later_piece,
     parquet_module,
     stdlib_dir,
     stdlib_files,
@@ -342,18 +342,13 @@ def _plan_split(reader: Reader, curator: Curator, tok: Tokenizer, val_fraction: 
     the split can aim at a share of the tokens before any is written."""
     planner, sample, sampled = SplitPlanner(), [], 0
     for text, location in curator.documents(_tracked(reader, "prepare: planning the split", progress), reader.skip):
-        planner.add(text, continues=_continues(location))
+        planner.add(text, continues=is_later_piece(location))
         if sampled < PLAN_SAMPLE_CHARS:
             sample.append(text[: PLAN_SAMPLE_CHARS - sampled])
             sampled += len(sample[-1])
     sample_tokens = sum(len(ids) for ids in tok.encode_batch(sample)) if sample else 0
     est_tokens = planner.total_chars * sample_tokens / sampled if sampled else 0.0
     return planner.plan(target_share(val_fraction, est_tokens))
-
-
-def _continues(location: str) -> bool:
-    """Whether a document is a later piece of a long one (corpus.py names them `PATH part N`)."""
-    return re.search(r" part \d+$", location) is not None
 
 
 def _tokenize(
@@ -370,7 +365,7 @@ def _tokenize(
     short = 0
     for batch in _batches(curator.documents(_tracked(reader, "prepare: tokenizing", progress), reader.skip)):
         parts = [(split, part, location) for text, location in batch
-                 for split, part in plan.place(text, continues=_continues(location))]
+                 for split, part in plan.place(text, continues=is_later_piece(location))]
         for (split, _, location), ids in zip(parts, tok.encode_batch([part for _, part, _ in parts])):
             if not ids:  # possible with tokenizers whose normalizer drops characters
                 reader.skip("empty", location)

@@ -110,8 +110,8 @@ class SplitPlanner:
         """One document; `continues`: a later piece of a long one, counted with its first piece."""
         if not continues:
             self._bucket = doc_hash(text) >> (64 - BUCKET_BITS)
+            self.documents += 1
         self.chars[self._bucket] += len(text)
-        self.documents += 1
         self.total_chars += len(text)
 
     def plan(self, share: float) -> SplitPlan:
