@@ -96,7 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gptforge.data.datadir import load_data_dir
     from gptforge.evaluate.loss import evaluate
     from gptforge.runs import load_run
-    from gptforge.train.builder import resolve_data
+    from gptforge.train.builder import data_eot, resolve_data
     from gptforge.runtime import pick_device, resolve_precision
 
     device = pick_device(args.device)
@@ -108,7 +108,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise GptforgeError(f"{data.path} has {data.vocab_size} token ids, the model only {run.config.model.vocab_size}")
     cfg = run.config
     tokens = args.tokens or cfg.eval.tokens
-    batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens)
+    batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens,
+                          eot_id=data_eot(data))
     tokenizer = data.tokenizer or run.tokenizer
     token_bytes = None
     if tokenizer is not None:
@@ -120,7 +121,10 @@ def _eval(args: argparse.Namespace) -> int:
     with Progress("eval", len(batches), "batches") as bar:
         result = evaluate(run.model, bar.track(batches), resolve_precision(args.precision, device), token_bytes,
                           device)
-    result.update(step=run.state["step"], checkpoint=str(run.checkpoint), tokens=sum(y.numel() for _, y in batches))
+    result.update(step=run.state["step"], checkpoint=str(run.checkpoint),
+                  tokens=sum(int((y >= 0).sum()) for _, y in batches))
+    if data.chat:
+        result["counted"] = "assistant tokens" if data.chat["train_on"] == "assistant" else "all tokens"
     if args.json:
         print(json.dumps(result))
     else:
