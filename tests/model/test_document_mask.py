@@ -63,3 +63,18 @@ def test_a_masked_model_trains_through_the_mask():
     loss = model(x, torch.roll(x, -1, dims=1))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_flex_attention_path_computes_what_the_sdpa_mask_does():
+    """The path gptforge takes on a GPU (compiled there), run eagerly here: same logits as the SDPA mask."""
+    import warnings
+
+    model = _model("rope")
+    x = torch.stack([torch.cat(DOCS), torch.arange(1, 13)])  # (2, 12): three documents, and one
+    with torch.no_grad():
+        sdpa = model(x)
+        model.flex_documents = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex attention warns that it is not compiled
+            flex = model(x)
+    torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-5)
