@@ -4,10 +4,13 @@ with the loss mask and document masking, bitwise resume on masked data, and `gpt
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,3 +90,101 @@ def test_sigkill_resumes_bitwise_on_masked_data(chat_setup, tmp_path):
     code, out = child(resume_args(chat, run, steps))
     assert code == 0, out
     assert_same_run(ref, run, steps)
+
+
+def test_chat_prompt_answers_in_the_template_format(chat_setup, tmp_path):
+    base, chat = chat_setup
+    run = tmp_path / "sft"
+    trained = gptforge("train", f"finetune.init_from={base}", f"data.dir={chat}", f"run.dir={run}", "train.max_steps=80",
+                       "train.max_time=null", "eval.every=1000", "train.samples=0", "run.tensorboard=false")
+    assert trained.returncode == 0, trained.stderr
+    result = gptforge("chat", run, "--prompt", "3 plus 4?", "--temperature", "0", "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    answer = result.stdout.strip()
+    assert answer.isdigit(), answer  # an assistant turn as trained: a number, stopped at <|end|>
+    with_system = gptforge("chat", run, "--prompt", "5 plus 1?", "--system", "Add.", "--temperature", "0")
+    assert with_system.returncode == 0 and "<|" not in with_system.stdout
+
+
+@pytest.fixture
+def talkative_run(small_data, tmp_path):
+    """A random-weights run with the chat tokens, large enough that an answer runs for seconds (it almost never
+    says <|end|>): something to interrupt."""
+    import torch
+
+    from gptforge.config import load_config
+    from gptforge.data.chat import with_chat_tokens
+    from gptforge.data.tokenizer import Tokenizer
+    from gptforge.model.gpt import GPT
+    from gptforge.train.checkpoint import save_weights
+
+    tok = with_chat_tokens(Tokenizer.load(small_data / "tokenizer.json"))
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = load_config(None, [f"model.vocab_size={tok.vocab_size}", "model.n_layer=6", "model.n_head=6",
+                             "model.n_embd=384", "model.block_size=1024"])
+    torch.manual_seed(0)
+    save_weights(tmp_path / "run", GPT(cfg.model), cfg.to_dict(), tokenizer_file=tmp_path / "tokenizer.json")
+    return tmp_path / "run"
+
+
+class Terminal:
+    """A real terminal: tmux running a command; type into it and read its screen."""
+
+    def __init__(self, name: str, command: list[str]):
+        self.name = name
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", *command], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-200", "-t", self.name], capture_output=True,
+                              text=True).stdout
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; the screen:\n{self.screen()}")
+
+    def alive(self) -> bool:
+        return subprocess.run(["tmux", "has-session", "-t", self.name], capture_output=True).returncode == 0
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_the_interactive_chat_in_a_real_terminal(talkative_run):
+    term = Terminal(f"gptforge-chat-{os.getpid()}",
+                    [sys.executable, "-m", "gptforge", "chat", str(talkative_run), "--max-new-tokens", "900",
+                     "--safety", "off"])
+    try:
+        term.wait_for(lambda s: "you> " in s)
+        assert "/reset" in term.screen()  # the banner names the commands
+        term.keys("tell me everything", "Enter")
+        # Ctrl-C once the answer has begun to stream: that answer stops, the session stays
+        term.wait_for(lambda s: len(s.split("model> ")[-1].replace("\n", "")) > 40, timeout=60)
+        term.keys("C-c")
+        screen = term.wait_for(lambda s: "[stopped]" in s and s.rstrip().endswith("you>"), timeout=30)
+        assert term.alive()
+        assert screen.count("model> ") == 1
+        term.keys("/system Be brief.", "Enter")
+        term.wait_for(lambda s: "system message set; conversation reset" in s)
+        term.keys("/reset", "Enter")
+        term.wait_for(lambda s: "(conversation reset)" in s)
+        term.keys("/nope", "Enter")
+        term.wait_for(lambda s: "unknown command /nope" in s)
+        term.keys("C-c")  # at the prompt: a reminder, not an exit
+        term.wait_for(lambda s: "(type /exit to leave)" in s)
+        assert term.alive()
+        term.keys("/exit", "Enter")
+        deadline = time.time() + 20
+        while term.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not term.alive()  # the command ended, and tmux closed its window with it
+    finally:
+        term.close()

@@ -37,6 +37,7 @@ class ChatSession:
         self.system = system
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new_tokens, self.seed, self.turns = max_new_tokens, seed, 0
+        self.stopped = False  # whether the last answer was cut short by Ctrl-C
         self.decoder = Engine(model, slots=1)  # keeps the KV cache of the conversation between turns
         self.history: list[dict] = self._start()
 
@@ -62,6 +63,7 @@ class ChatSession:
                                 "tokens; /reset to start over")
         new: list[int] = []
         shown = ""
+        self.stopped = False
         try:
             for token in stream(self.model, ids, budget, eot_id=self.template.end_id, seed=self.seed + self.turns,
                                 session=self.decoder, **self.sampling):
@@ -72,8 +74,8 @@ class ChatSession:
                 shown += piece
                 if piece:
                     yield piece
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # Ctrl-C while decoding: this answer ends here, the session goes on
+            self.stopped = True
         finally:
             self.turns += 1
             raw = self.template.tokenizer.decode(new)
@@ -219,8 +221,10 @@ def interact(session: ChatSession, read: Callable[[str], str], out: TextIO) -> N
                 out.flush()
         except KeyboardInterrupt:  # between two tokens, outside the decoding: the answer so far is kept
             answer.close()
-            out.write(" [stopped]")
+            session.stopped = True
         except GptforgeError as exc:
             out.write(f"({exc})")
+        if session.stopped:
+            out.write(" [stopped]")
         out.write("\n")
         out.flush()
