@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from gptforge.observe.metrics import read_metrics
 from conftest import random_weights_run
@@ -54,7 +55,7 @@ def test_fine_tuning_on_conversations_lowers_the_loss_on_the_answers(chat_setup,
     assert result.returncode == 0, result.stderr
     evals = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert evals[-1] < evals[0] - 0.5, evals
-    config = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["doc_token"] == json.loads((chat / "manifest.json").read_text())["tokenizer"]["eot_id"]
     assert config["model"]["vocab_size"] == 512 + 4  # the base vocabulary and the four chat tokens
     # eval counts the assistant's tokens only: the answers are one or two tokens and <|end|> each
@@ -68,6 +69,17 @@ def test_fine_tuning_on_conversations_lowers_the_loss_on_the_answers(chat_setup,
     # the end-of-training sample answers a held-out question
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[-1])["sample"]
     assert " plus " in sample and "\n-> " in sample
+
+
+def test_lora_fine_tunes_on_conversations_through_the_same_loop(chat_setup, tmp_path):
+    base, chat = chat_setup
+    run = tmp_path / "lora"
+    result = gptforge("train", f"finetune.init_from={base}", f"data.dir={chat}", f"run.dir={run}", "train.max_steps=40",
+                      "train.max_time=null", "eval.every=40", "eval.tokens=2048", "train.samples=0",
+                      "finetune.lora.rank=8", "optim.name=adamw", "optim.lr=0.01", "run.tensorboard=false")
+    assert result.returncode == 0, result.stderr
+    evals = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.3, evals
 
 
 def test_a_base_run_without_chat_tokens_gets_a_clear_message(chat_setup):
@@ -188,3 +200,20 @@ def test_the_interactive_chat_in_a_real_terminal(talkative_run):
         assert not term.alive()  # the command ended, and tmux closed its window with it
     finally:
         term.close()
+
+
+def test_document_masking_for_text_pre_training(small_data, tmp_path):
+
+
+    run = tmp_path / "masked"
+    result = gptforge("train", f"data.dir={small_data}", f"run.dir={run}", "model.preset=tiny", "train.max_steps=3",
+                      "train.max_time=null", "data.document_mask=true", "train.samples=0", "eval.tokens=512",
+                      "run.tensorboard=false")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    eot = json.loads((small_data / "manifest.json").read_text())["tokenizer"]["eot_id"]
+    assert config["data"]["document_mask"] is True and config["model"]["doc_token"] == eot
+    plain = tmp_path / "plain"
+    assert gptforge("train", f"data.dir={small_data}", f"run.dir={plain}", "model.preset=tiny", "train.max_steps=1",
+                    "train.max_time=null", "train.samples=0", "eval.tokens=512").returncode == 0
+    assert yaml.safe_load((plain / "config.yaml").read_text())["model"]["doc_token"] == -1
