@@ -175,15 +175,15 @@ def test_the_interactive_chat_in_a_real_terminal(talkative_run):
                     [sys.executable, "-m", "gptforge", "chat", str(talkative_run), "--max-new-tokens", "900",
                      "--safety", "off"])
     try:
-        term.wait_for(lambda s: "you> " in s)
+        term.wait_for(lambda s: "you>" in s)  # tmux drops trailing spaces
         assert "/reset" in term.screen()  # the banner names the commands
         term.keys("tell me everything", "Enter")
         # Ctrl-C once the answer has begun to stream: that answer stops, the session stays
-        term.wait_for(lambda s: len(s.split("model> ")[-1].replace("\n", "")) > 40, timeout=60)
+        term.wait_for(lambda s: len(s.split("model>")[-1].replace("\n", "")) > 40, timeout=60)
         term.keys("C-c")
         screen = term.wait_for(lambda s: "[stopped]" in s and s.rstrip().endswith("you>"), timeout=30)
         assert term.alive()
-        assert screen.count("model> ") == 1
+        assert screen.count("model>") == 1
         term.keys("/system Be brief.", "Enter")
         term.wait_for(lambda s: "system message set; conversation reset" in s)
         term.keys("/reset", "Enter")

@@ -33,8 +33,10 @@ def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> n
 def apply_flex_documents(model: nn.Module, device: torch.device) -> None:
     """On CUDA, route a document-masked GPT's attention through flex attention, compiled once per process
     (eager flex attention materializes the whole score matrix). Elsewhere the SDPA mask stays: CPUs have no
-    fused flex kernel to gain from."""
-    if device.type != "cuda" or getattr(getattr(model, "config", None), "doc_token", -1) < 0:
+    fused flex kernel to gain from. A model with attention dropout keeps the SDPA mask too (flex attention
+    has no dropout)."""
+    config = getattr(model, "config", None)
+    if device.type != "cuda" or getattr(config, "doc_token", -1) < 0 or getattr(config, "dropout", 0.0) > 0:
         return
     from torch.nn.attention.flex_attention import flex_attention
 
