@@ -184,6 +184,10 @@ def test_the_interactive_chat_in_a_real_terminal(talkative_run):
         screen = term.wait_for(lambda s: "[stopped]" in s and s.rstrip().endswith("you>"), timeout=30)
         assert term.alive()
         assert screen.count("model>") == 1
+        term.keys("and then?", "Enter")  # the session goes on: a second answer streams, and stops the same way
+        term.wait_for(lambda s: s.count("model>") == 2 and len(s.split("model>")[-1].replace("\n", "")) > 40)
+        term.keys("C-c")
+        term.wait_for(lambda s: s.count("[stopped]") == 2 and s.rstrip().endswith("you>"), timeout=30)
         term.keys("/system Be brief.", "Enter")
         term.wait_for(lambda s: "system message set; conversation reset" in s)
         term.keys("/reset", "Enter")
