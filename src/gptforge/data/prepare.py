@@ -10,6 +10,7 @@ data dir is always a finished one. Reading one back is `datadir.load_data_dir`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -280,11 +281,7 @@ def prepare(
     files = collect_files(inputs, exclude=out) if inputs else stdlib_files()
     if any(path.suffix.lower() == ".parquet" for path in files):
         parquet_module()  # fail now, not after training a tokenizer
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove_stale(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
-    tmp.mkdir(parents=True)
-    try:
+    with building(out, force) as tmp:
         # The tokenizer learns from the first piece of each long document: enough to learn its words,
         # and what the trainer holds then does not grow with the length of one document.
         first_reader = Reader(files, text_field, text_column, first_piece_only=True)
@@ -324,16 +321,33 @@ def prepare(
             },
             "inputs": list(inputs) or [f"builtin:{stdlib_dir()}"],
             "val_fraction": val_fraction,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "gptforge_version": _gptforge_version(),
         }
-        _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def building(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a data dir in: renamed into place when the block ends, removed
+    when it fails, so a folder named like a data dir is always a finished one."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove_stale(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         fsync_dir(tmp)
         _install(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """manifest.json, stamped with the time and gptforge's version, written durably."""
+    manifest.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    gptforge_version=_gptforge_version())
+    _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def _plan_split(reader: Reader, curator: Curator, tok: Tokenizer, val_fraction: float | None,
