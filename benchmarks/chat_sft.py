@@ -1,11 +1,13 @@
 """From base model to assistant: the default base model, fine-tuned on the built-in conversations.
 
-    python benchmarks/chat_sft.py [--base RUN] [--sft-time 180] [--out DIR]
+    python benchmarks/chat_sft.py [--base RUN] [--base-tokens N] [--sft-tokens N] [--out DIR]
 
-1. the base model: plain `gptforge train` (5 minutes on the built-in corpus), or --base RUN to reuse one;
+1. the base model: the default recipe on the built-in corpus for --base-tokens tokens (1.96M by default:
+   where plain `gptforge train`'s 5 minutes end on a 2-core Xeon with AMX, BENCHMARKS.md), or --base RUN.
+   A token budget, not a time budget, so the model does not depend on what else the machine runs;
 2. `gptforge prepare --format chat` with the base run's tokenizer: questions on the standard library's
    functions and classes answered by their docstrings, split by module;
-3. `gptforge train finetune.init_from=BASE data.dir=CHAT` for --sft-time seconds;
+3. `gptforge train finetune.init_from=BASE data.dir=CHAT` for --sft-tokens tokens;
 4. on the held-out questions (modules never answered in training): the loss on the assistant's tokens
    before fine-tuning (the base model with the chat tokens added, the fine-tune's step-0 evaluation) and
    after, and the share of greedy answers whose first line is the docstring's first line, before and after;
@@ -74,10 +76,20 @@ def base_with_chat_tokens(base: Path, vocab_size: int, doc_token: int):
     return model.eval()
 
 
+def base_summary(base: Path, wall_s: float | None) -> dict:
+    records = read_metrics(base)
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "train_loss" in r]
+    return {"run": str(base), "tokens": steps[-1]["tokens"], "steps": steps[-1]["step"],
+            "val_loss": round(evals[-1]["val_loss"], 4), "train_time_s": steps[-1]["time_s"], "wall_s": wall_s}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, help="a base run to fine-tune (default: train one with gptforge train)")
-    parser.add_argument("--sft-time", type=float, default=180.0, help="seconds of fine-tuning (default: 180)")
+    parser.add_argument("--base-tokens", type=int, default=1_960_000, help="tokens of base training")
+    parser.add_argument("--sft-tokens", type=int, default=600_000,
+                        help="tokens of fine-tuning (default: 600,000, about three passes over the built-in set)")
     parser.add_argument("--out", type=Path, default=Path("runs/chat_sft"))
     parser.add_argument("--json", default="benchmarks/results/chat_sft_cpu.json")
     args = parser.parse_args()
@@ -86,13 +98,14 @@ def main() -> int:
     base = args.base or out / "base"
     base_wall = None
     if args.base is None and not (base / "checkpoints").is_dir():
-        base_wall = gptforge("train", f"run.dir={base}", "train.samples=0").wall_s
+        base_wall = gptforge("train", f"run.dir={base}", "train.samples=0", f"train.max_tokens={args.base_tokens}",
+                             "train.max_time=null").wall_s
     chat = out / "chat_data"
     gptforge("prepare", "--format", "chat", "--out", str(chat), "--tokenizer", str(base / "tokenizer.json"),
              "--force", "--quiet")
     sft = out / "sft"
     tuned = gptforge("train", f"finetune.init_from={base}", f"data.dir={chat}", f"run.dir={sft}",
-                     f"train.max_time={args.sft_time}", "eval.every=100", "train.samples=2", "run.start_over=true")
+                     f"train.max_tokens={args.sft_tokens}", "train.max_time=null", "eval.every=25", "train.samples=2")
     evals = [r for r in read_metrics(sft) if "val_loss" in r]
     steps = [r for r in read_metrics(sft) if "train_loss" in r]
 
@@ -107,9 +120,9 @@ def main() -> int:
     said = gptforge("chat", str(sft), "--prompt", PROMPT, "--temperature", "0")
     result = {
         "command": " ".join(["python", "benchmarks/chat_sft.py", *sys.argv[1:]]),
-        "base": str(base), "base_train_wall_s": base_wall,
+        "base": base_summary(base, base_wall),
         "chat_data": {k: data.manifest["splits"][k]["documents"] for k in ("train", "val")},
-        "sft": {"seconds": args.sft_time, "steps": steps[-1]["step"], "tokens": steps[-1]["tokens"],
+        "sft": {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "train_time_s": steps[-1]["time_s"],
                 "wall_s": tuned.wall_s},
         "held_out_questions": len(held_out),
         "assistant_loss_before": round(evals[0]["val_loss"], 4), "assistant_loss_after": round(evals[-1]["val_loss"], 4),
@@ -122,7 +135,7 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"held-out assistant-token loss: {result['assistant_loss_before']} before, "
-          f"{result['assistant_loss_after']} after {result['sft']['steps']} steps ({args.sft_time:.0f} s)")
+          f"{result['assistant_loss_after']} after {result['sft']['steps']} steps ({result['sft']['tokens']:,} tokens)")
     print(f"first line of the answer = the docstring's: {share_before:.1%} before, {share_after:.1%} after "
           f"({len(held_out)} held-out questions)")
     print(f"gptforge chat --prompt {PROMPT!r}:\n{result['chat_answer']}")
