@@ -1,8 +1,9 @@
 """`gptforge chat RUN`: talk to a chat-tuned run in the terminal, or answer one prompt for a script.
 
-The conversation is kept as messages and rendered by the run's chat template (data/chat.py) for every
-turn; the decoding session keeps its KV cache between turns, so a new turn prefills only the tokens after
-what the cache already holds (the history is a prefix of the next prompt). Answers stream as they are
+The conversation is kept as messages and as the token ids the chat template (data/chat.py) gives them, the
+answers as they were decoded; each turn appends the user's message and `<|assistant|>` to those ids. The
+decoding session keeps its KV cache between turns, so a new turn prefills only the tokens after what the
+cache already holds (the conversation so far is a prefix of the next prompt). Answers stream as they are
 decoded and stop at `<|end|>`. The output safety filter sees every answer: in mask mode a word is shown
 once it is complete (the filter may need all of it), in block mode the answer is shown when it is finished.
 
@@ -39,28 +40,27 @@ class ChatSession:
         self.max_new_tokens, self.seed, self.turns = max_new_tokens, seed, 0
         self.stopped = False  # whether the last answer was cut short by Ctrl-C
         self.decoder = Engine(model, slots=1)  # keeps the KV cache of the conversation between turns
-        self.history: list[dict] = self._start()
-
-    def _start(self) -> list[dict]:
-        return [{"role": "system", "content": self.system}] if self.system else []
+        self.reset(system)
 
     def reset(self, system: str | None = None, *, keep_system: bool = True) -> None:
+        """Forget the conversation; the system message stays, or becomes `system` with keep_system=False."""
         if not keep_system:
             self.system = system or None
-        self.history = self._start()
+        self.history: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.ids: list[int] = self.template.render(self.history)[0]  # the conversation as the model reads it
 
     def answer(self, text: str, stopped: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """Stream the answer to a user message as pieces of text (filtered); the answer joins the history
         when it is finished or stopped (Ctrl-C raises KeyboardInterrupt out of the decoding: caught here)."""
         from gptforge.evaluate.generate import stream
 
-        self.history.append({"role": "user", "content": text})
-        ids = self.template.prompt_ids(self.history)
+        template = self.template
+        ids = [*self.ids, *template.turn("user", template.tokenizer.encode(text)), template.role_ids["assistant"]]
         budget = min(self.max_new_tokens, self.model.config.block_size - len(ids))
         if budget < 1:
-            self.history.pop()
             raise GptforgeError(f"the conversation fills the model's context of {self.model.config.block_size} "
                                 "tokens; /reset to start over")
+        self.history.append({"role": "user", "content": text})
         new: list[int] = []
         shown = ""
         self.stopped = False
@@ -78,8 +78,9 @@ class ChatSession:
             self.stopped = True
         finally:
             self.turns += 1
-            raw = self.template.tokenizer.decode(new)
+            raw = template.tokenizer.decode(new)
             self.history.append({"role": "assistant", "content": raw})
+            self.ids = [*ids, *new, template.end_id]  # a stopped answer is closed like a finished one
         final = self.safety.apply(raw)[0] if self.safety is not None else raw
         if final.startswith(shown):
             rest = final[len(shown):]
