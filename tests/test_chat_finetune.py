@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from gptforge.observe.metrics import read_metrics
-from conftest import random_weights_run
 from test_resume_kill import args as resume_args, assert_same_run, child
 
 pytestmark = pytest.mark.slow
@@ -27,12 +26,32 @@ def gptforge(*argv, timeout=240, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def random_run(data, path, tokenizer=None, **model):
+    """A weights-only run of a random GPT for `data`'s vocabulary (or `tokenizer`'s, a Tokenizer) and shape."""
+    import torch
+
+    from gptforge.config import load_config
+    from gptforge.data.tokenizer import Tokenizer
+    from gptforge.model.gpt import GPT
+    from gptforge.train.checkpoint import save_weights
+
+    tok = tokenizer or Tokenizer.load(data / "tokenizer.json")
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(path.parent / f"{path.name}-tokenizer.json")
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, **model}
+    cfg = load_config(None, [f"data.dir={data}", f"model.vocab_size={tok.vocab_size}", "train.batch_size=4",
+                             f"eval.tokens={16 * shape['block_size']}", *(f"model.{k}={v}" for k, v in shape.items())])
+    torch.manual_seed(0)
+    save_weights(path, GPT(cfg.model), cfg.to_dict(), tokenizer_file=path.parent / f"{path.name}-tokenizer.json")
+    return path
+
+
 @pytest.fixture(scope="module")
 def chat_setup(small_data, tmp_path_factory):
     """A base run (random weights, the small corpus's tokenizer) and conversations prepared for it: sums, so
     that a few steps of training visibly lower the loss on the answers."""
     root = tmp_path_factory.mktemp("chat_ft")
-    base = random_weights_run(small_data, root / "base")
+    base = random_run(small_data, root / "base")
     rng = random.Random(0)
     lines = []
     for _ in range(400):
@@ -122,21 +141,11 @@ def test_chat_prompt_answers_in_the_template_format(chat_setup, tmp_path):
 def talkative_run(small_data, tmp_path):
     """A random-weights run with the chat tokens, large enough that an answer runs for seconds (it almost never
     says <|end|>): something to interrupt."""
-    import torch
-
-    from gptforge.config import load_config
     from gptforge.data.chat import with_chat_tokens
     from gptforge.data.tokenizer import Tokenizer
-    from gptforge.model.gpt import GPT
-    from gptforge.train.checkpoint import save_weights
 
     tok = with_chat_tokens(Tokenizer.load(small_data / "tokenizer.json"))
-    tok.save(tmp_path / "tokenizer.json")
-    cfg = load_config(None, [f"model.vocab_size={tok.vocab_size}", "model.n_layer=6", "model.n_head=6",
-                             "model.n_embd=384", "model.block_size=1024"])
-    torch.manual_seed(0)
-    save_weights(tmp_path / "run", GPT(cfg.model), cfg.to_dict(), tokenizer_file=tmp_path / "tokenizer.json")
-    return tmp_path / "run"
+    return random_run(small_data, tmp_path / "run", tok, n_layer=6, n_head=6, n_embd=384, block_size=1024)
 
 
 class Terminal:
