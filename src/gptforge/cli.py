@@ -29,7 +29,7 @@ Train, adapt, compress, check and serve GPT models.
   gptforge quantize RUN_DIR --method M --out DIR          weight-only int8 / int4
   gptforge prune RUN_DIR --pattern 2:4 --out DIR          magnitude pruning, optional recovery
   gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
-  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2 folder (safetensors) as a run
+  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2/Llama/Qwen3 folder (safetensors) as a run
   gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
 
 Run `gptforge SUBCOMMAND --help` for every option.
@@ -385,7 +385,8 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _import_hf_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face GPT-2 folder: config.json and safetensors weights")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder (GPT-2, Llama, Qwen3, Arcee or Apertus): config.json "
+                   "and safetensors weights")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
     p.set_defaults(func="gptforge.adapt.hf:run_import")
@@ -462,11 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("compare", _compare_parser, "one table of a run and its variants",
             "Size on disk, parameters, val loss and bits per byte on the same split, generation tokens/s and "
             "memory for each run or variant.")
-    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2-family folder",
-            "Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, tokenizer files) into a "
-            "gptforge run. Pickle-only folders are refused.")
-    command("export-hf", _export_hf_parser, "export a run as a Hugging Face GPT-2 folder",
-            "Write a run (GPT-2 architecture) as a folder that transformers loads; LoRA adapters are merged first.")
+    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2, Llama, Qwen3, Arcee or Apertus folder",
+            "Turn a Hugging Face folder of a family gptforge computes exactly (config.json, safetensors weights, "
+            "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
+    command("export-hf", _export_hf_parser, "export a run as a standard transformers folder",
+            "Write a run as the transformers family that computes it exactly (GPT-2, Llama, Qwen3, Arcee or "
+            "Apertus; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. A model no "
+            "family computes is refused before anything is written, naming the switch to change.")
     return parser
 
 

@@ -1,0 +1,209 @@
+"""Every exportable switch combination computes the same logits in its transformers family (fp32, 1e-4);
+every other one is refused naming its switch; each family imports back; LoRA and quantized runs export."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gptforge
+from gptforge.adapt.hf import export_hf, import_hf
+from gptforge.adapt.hf_families import FAMILIES, Unexportable, choose, hf_config, to_hf
+from gptforge.adapt.lora import apply_lora
+from gptforge.adapt.qlinear import Int8Linear, QuantLinear
+from gptforge.adapt.quantize import quantize_run
+from gptforge.config import from_dict
+from gptforge.data.tokenizer import Tokenizer
+from gptforge.errors import GptforgeError
+from gptforge.model.config import MLPS, NORMS, POSITIONS, GPTConfig
+from gptforge.model.gpt import GPT
+from gptforge.train.checkpoint import save_weights
+
+VOCAB = 300
+TEXTS = ["def parse(text):\n    return [line.split(',') for line in text.splitlines()]\n" * 20,
+         "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n" * 20]
+SHAPE = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64)
+SWITCHES = dict(mlp=MLPS, norm=NORMS, pos=POSITIONS, qk_norm=(False, True), tie_embeddings=(True, False),
+                bias=(False, True), logit_softcap=(0.0, 30.0))
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train_bpe(TEXTS, vocab_size=VOCAB)
+
+
+def _ids(n: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+def _random_gpt(m: GPTConfig) -> GPT:
+    """Every parameter random, norms and biases included: a gain of one or a zero bias would hide a mix-up."""
+    torch.manual_seed(0)
+    gpt = GPT(m).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and "norm" in _name(gpt, p) else 0.0))
+    return gpt
+
+
+def _name(model: nn.Module, param: torch.Tensor) -> str:
+    return next(n for n, p in model.named_parameters() if p is param).replace("ln_", "norm")
+
+
+def test_every_switch_combination_computes_the_same_or_is_refused_by_name(transformers):
+    """All 256 combinations of the architecture switches, in memory: the family's model built from the
+    exported config.json holds the exported tensors and gives gptforge's logits; the rest name each switch."""
+    exported = set()
+    for values in itertools.product(*SWITCHES.values()):
+        m = GPTConfig(**SHAPE, **dict(zip(SWITCHES, values)))
+        try:
+            family = choose(m)
+        except Unexportable as e:
+            nearest = min(FAMILIES.values(), key=lambda f: len(f.mismatches(m)))
+            for key, value, _ in nearest.mismatches(m):
+                assert f"model.{key}={str(value).lower() if isinstance(value, bool) else value} (exportable:" in str(e)
+            continue
+        gpt = _random_gpt(m)
+        config = hf_config(family, m, eot=0)
+        hf = getattr(transformers, config["architectures"][0])(
+            transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})).eval()
+        missing, unexpected = hf.load_state_dict(to_hf(family, gpt.state_dict(), m), strict=False)
+        assert not unexpected and missing == (["lm_head.weight"] if m.tie_embeddings else []), (family, values)
+        hf.tie_weights()
+        with torch.no_grad():
+            assert (hf(_ids()).logits - gpt(_ids())).abs().max() < 1e-4, (family.model_type, values)
+        exported.add(family.model_type)
+    assert exported == set(FAMILIES)
+    assert choose(GPTConfig()).model_type == "apertus"  # the default recipe exports
+
+
+def test_a_refused_combination_names_its_switch_and_writes_nothing(tokenizer, tmp_path):
+    _run(tmp_path / "run", tokenizer, norm="layernorm")  # rotary with LayerNorm: no family
+    with pytest.raises(GptforgeError, match=r"model.norm=layernorm \(exportable: model.norm=rmsnorm\); "
+                                            r"nearest family: Apertus"):
+        export_hf(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _run(path: Path, tokenizer: Tokenizer, lora: int = 0, **model) -> GPT:
+    cfg = from_dict({"model": {**SHAPE, **model}, "finetune": {"lora": {"rank": lora}}})
+    gpt = _random_gpt(cfg.model)
+    if lora:
+        apply_lora(gpt, cfg.finetune.lora)
+        for name, p in gpt.named_parameters():
+            if name.endswith("lora_B"):
+                nn.init.normal_(p, std=0.1)
+    tok_file = path.parent / "tokenizer.json"
+    tokenizer.save(tok_file)
+    save_weights(path, gpt, cfg.to_dict(), step=3, tokenizer_file=tok_file)
+    return gpt
+
+
+@pytest.mark.parametrize("model", [dict(), dict(tie_embeddings=False), dict(mlp="swiglu"),
+                                   dict(mlp="swiglu", qk_norm=False, bias=True, tie_embeddings=False),
+                                   dict(qk_norm=False, mlp="gelu", bias=True)])
+def test_export_loads_without_remote_code_and_tokenizes_alike(transformers, tokenizer, tmp_path, model):
+    _run(tmp_path / "run", tokenizer, **model)
+    export_hf(tmp_path / "run", tmp_path / "out", report=lambda m: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False).eval()
+    gpt, tok = gptforge.load(tmp_path / "run")
+    with torch.no_grad():
+        assert (hf(_ids()).logits - gpt(_ids())).abs().max() < 1e-4
+    assert hf.config.tie_word_embeddings is gpt.config.tie_embeddings
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = TEXTS[1][:80]
+    assert hf_tok(text).input_ids == tok.encode(text) and hf_tok.decode(tok.encode(text)) == text
+    assert hf_tok.eos_token_id == tok.eot_id == hf.config.eos_token_id
+
+
+def test_a_lora_run_exports_merged(transformers, tokenizer, tmp_path):
+    _run(tmp_path / "run", tokenizer, lora=4)
+    export_hf(tmp_path / "run", tmp_path / "out", report=lambda m: None)
+    merged, _ = gptforge.load(tmp_path / "run")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (hf(_ids()).logits - merged(_ids())).abs().max() < 1e-4
+
+
+def test_a_quantized_run_exports_dequantized_with_a_message(transformers, tokenizer, tmp_path, monkeypatch):
+    _run(tmp_path / "run", tokenizer)
+    quantize_run(tmp_path / "run", tmp_path / "int8", "int8", report=lambda m: None)
+    said = []
+    export_hf(tmp_path / "int8", tmp_path / "out", report=said.append)
+    assert any("int8 layers dequantized to fp32" in s for s in said)
+    quantized, _ = gptforge.load(tmp_path / "int8")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    # On a CPU int8 layers run a bf16 kernel; their fp32 path (dequantize, then F.linear) is the exact reference.
+    monkeypatch.setattr(Int8Linear, "forward", QuantLinear.forward)
+    with torch.no_grad():
+        assert (hf(_ids()).logits - quantized(_ids())).abs().max() < 1e-4
+
+
+def _hf_model(transformers, family: str, tied: bool, **extra):
+    """A random model of a transformers family, configured through its own config class."""
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128 if family != "llama" else 192,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                 max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=tied, **extra)
+    if family == "arcee":
+        shape["hidden_act"] = "relu2"
+    if family == "apertus":
+        shape.update(hidden_act="relu2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cls = {"llama": "Llama", "qwen3": "Qwen3", "arcee": "Arcee", "apertus": "Apertus"}[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("family, tied", [("llama", True), ("llama", False), ("qwen3", True), ("qwen3", False),
+                                          ("arcee", False), ("apertus", True)])
+def test_import_each_family_then_export_it_back(transformers, tmp_path, family, tied):
+    hf = _hf_model(transformers, family, tied)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    gpt, _ = gptforge.load(tmp_path / "run")
+    with torch.no_grad():
+        expected = hf(_ids()).logits
+        assert (gpt(_ids()) - expected).abs().max() < 1e-4
+    assert gpt.config.tie_embeddings is tied and choose(gpt.config).model_type == family
+    export_hf(tmp_path / "run", tmp_path / "out", report=lambda m: None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        assert (back(_ids()).logits - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family, key, value, words", [
+    ("llama", "num_key_value_heads", 2, "grouped-query attention"),
+    ("llama", "rms_norm_eps", 1e-5, "fixed eps of 1e-06"),
+    ("llama", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "unscaled"),
+    ("llama", "hidden_act", "gelu", "hidden_act='gelu' cannot be imported into a Llama model"),
+    ("apertus", "hidden_act", "xielu", "hidden_act='xielu'"),
+    ("llama", "intermediate_size", 100, "a gated MLP's width is a multiple of 64"),
+    ("qwen3", "attention_bias", True, "MLP biases, which Qwen3 lacks"),
+])
+def test_import_refuses_what_gptforge_computes_differently(tmp_path, family, key, value, words):
+    config = dict(model_type=family, vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, rms_norm_eps=1e-6,
+                  hidden_act="silu")
+    if family == "apertus":
+        config["hidden_act"] = "relu2"
+    config[key] = value
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GptforgeError, match="config.json: " + key) as err:
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    assert words in str(err.value)
+    assert not (tmp_path / "run").exists()
