@@ -20,6 +20,7 @@ Train, adapt, compress, check and serve GPT models.
   gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
+  gptforge eval RUN_DIR --tasks builtin|FILE   multiple-choice accuracy (95% intervals), CORE aggregate
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge runs [DIR] [--json]                 the runs under a folder: state, step, losses, size
@@ -86,6 +87,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        if args.bias:
+            raise GptforgeError("--tasks and --bias are separate evaluations; give one of them")
+        from gptforge.evaluate.tasks import run_eval_tasks
+
+        return run_eval_tasks(args)
     if args.bias:
         from gptforge.evaluate.bias import run_bias
 
@@ -305,6 +312,13 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
                    'JSONL lines {"attribute", "groups", "template"}; each template has one {group} slot '
                    "(default: the shipped set)")
     p.add_argument("--n-boot", type=int, default=1000, help="--bias bootstrap resamples (default: 1000)")
+    p.add_argument("--tasks", nargs="+", metavar="builtin|FILE",
+                   help="multiple-choice accuracy instead of the validation loss: builtin (next_line, docstring, "
+                   "closing, made from the data's held-out val text) and/or JSONL files of "
+                   '{"context", "choices", "label"} lines; prints acc, acc_norm with 95%% intervals and a CORE '
+                   "aggregate")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many items a task "
+                   "(default: 500 for builtin, every line of a file)")
     p.set_defaults(func=_eval)
 
 
