@@ -32,6 +32,7 @@ Train, adapt, compress, check and serve GPT models.
   gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
   gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2/Llama/Qwen3 folder (safetensors) as a run
   gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
+  gptforge export-gguf RUN_DIR --out F.gguf    a run as a GGUF file for llama.cpp (f32, f16, q8_0)
 
 Run `gptforge SUBCOMMAND --help` for every option.
 """
@@ -406,6 +407,15 @@ def _import_hf_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func="gptforge.adapt.hf:run_import")
 
 
+def _export_gguf_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write (for llama.cpp)")
+    p.add_argument("--dtype", default="f16", choices=("f32", "f16", "q8_0"),
+                   help="weight type of the matrices (norms stay f32; default: f16)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func="gptforge.adapt.gguf_export:run_export_gguf")
+
+
 def _export_hf_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--out", required=True, metavar="HF_DIR", help="Hugging Face folder to create")
@@ -484,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Write a run as the transformers family that computes it exactly (GPT-2, Llama, Qwen3, Arcee or "
             "Apertus; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. A model no "
             "family computes is refused before anything is written, naming the switch to change.")
+    command("export-gguf", _export_gguf_parser, "export a run as a GGUF file for llama.cpp",
+            "Write a run's weights, hyperparameters and tokenizer as one GGUF file (f32, f16 or q8_0) through "
+            "the gguf package, in the llama.cpp architecture of its Hugging Face family.")
     return parser
 
 
