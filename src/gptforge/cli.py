@@ -14,11 +14,13 @@ from gptforge.errors import GptforgeError
 MAIN_HELP = """\
 Train, adapt, compress, check and serve GPT models.
 
-  gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards
+  gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards (--format chat:
+                                               conversations with a loss mask)
   gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
   gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested optim.lr
   gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
+  gptforge chat RUN_DIR [--prompt TEXT]        talk to a chat-tuned run (prepare --format chat, then train)
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
   gptforge eval RUN_DIR --tasks builtin|FILE   multiple-choice accuracy (95% intervals), CORE aggregate
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
@@ -104,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gptforge.data.datadir import load_data_dir
     from gptforge.evaluate.loss import evaluate
     from gptforge.runs import load_run
-    from gptforge.train.builder import resolve_data
+    from gptforge.train.builder import data_eot, resolve_data
     from gptforge.runtime import pick_device, resolve_precision
 
     device = pick_device(args.device)
@@ -116,7 +118,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise GptforgeError(f"{data.path} has {data.vocab_size} token ids, the model only {run.config.model.vocab_size}")
     cfg = run.config
     tokens = args.tokens or cfg.eval.tokens
-    batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens)
+    batches = val_batches(data.val, cfg.model.block_size, args.batch_size or cfg.train.batch_size, tokens,
+                          eot_id=data_eot(data))
     tokenizer = data.tokenizer or run.tokenizer
     token_bytes = None
     if tokenizer is not None:
@@ -128,7 +131,10 @@ def _eval(args: argparse.Namespace) -> int:
     with Progress("eval", len(batches), "batches") as bar:
         result = evaluate(run.model, bar.track(batches), resolve_precision(args.precision, device), token_bytes,
                           device)
-    result.update(step=run.state["step"], checkpoint=str(run.checkpoint), tokens=sum(y.numel() for _, y in batches))
+    result.update(step=run.state["step"], checkpoint=str(run.checkpoint),
+                  tokens=sum(int((y >= 0).sum()) for _, y in batches))
+    if data.chat:
+        result["counted"] = "assistant tokens" if data.chat["train_on"] == "assistant" else "all tokens"
     if args.json:
         print(json.dumps(result))
     else:
@@ -222,8 +228,20 @@ def _prepare_parser(p: argparse.ArgumentParser) -> None:
                    help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything "
                    "else is UTF-8 text, one document per file (default: the Python standard library's source)")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder to create with the shards")
-    p.add_argument("--tokenizer", default="bpe",
-                   help="'bpe' (trained on the inputs), 'bytes', or a tokenizer.json / Hugging Face tokenizer folder")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: documents (the default). chat: JSONL conversations ({\"messages\": [{\"role\", "
+                   "\"content\"}, ...]}, {\"prompt\", \"completion\"} or Alpaca's {\"instruction\", \"input\", "
+                   "\"output\"}) rendered by the chat template with a loss mask; with no INPUT, the built-in "
+                   "questions on the standard library answered from its docstrings")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bpe' (trained on the inputs; the default), 'bytes', or a tokenizer.json / Hugging Face "
+                   "tokenizer folder. --format chat: the base run's tokenizer.json, to which the chat tokens are "
+                   "added (default: the built-in corpus's, what plain `gptforge train` uses)")
+    p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
+                   help="--format chat: the tokens the loss counts: the assistant's answers (default) or all")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="--format chat: skip (and count) conversations longer than N tokens once rendered; "
+                   "the context of the model to fine-tune (default: 256, the default model's block_size)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
     p.add_argument("--text-field", default="text", help="JSONL key holding the text")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text")
@@ -295,6 +313,20 @@ def _sample_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     _safety_arguments(p)
     p.set_defaults(func=_sample)
+
+
+def _chat_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (for scripts)")
+    p.add_argument("--system", default=None, help="system message the conversation starts with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the first answer (default: 0)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _safety_arguments(p)
+    p.set_defaults(func="gptforge.evaluate.chat:run_chat")
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
@@ -459,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
             "(training\ndocuments are joined by end-of-text, so each began right after one). Hugging Face "
             "transformers'\ngenerate feeds the prompt alone; --no-eot-prefix does the same, and greedy output "
             "then matches it.")
+    command("chat", _chat_parser, "talk to a chat-tuned run in the terminal, or answer one --prompt",
+            "An interactive chat with a run fine-tuned on conversations (prepare --format chat, then train "
+            "finetune.init_from=RUN): answers stream as they are decoded, the KV cache carries across turns, "
+            "the output safety filter applies. Commands: /reset, /system TEXT, /exit. Ctrl-C stops the current "
+            "answer, not the session. With --prompt, answers once and exits.")
     command("eval", _eval_parser, "validation loss, bits per byte, perplexity",
             "Evaluate a run on a validation split: its own data, or --data DIR.")
     command("inspect", _inspect_parser, "attention maps, logit lens and token attributions for a prompt",

@@ -31,7 +31,7 @@ from gptforge.progress import Progress
 from gptforge.runs import LoadedRun, load_run
 from gptforge.train import checkpoint
 from gptforge.runtime import pick_device, resolve_precision, synchronize
-from gptforge.train.builder import resolve_data
+from gptforge.train.builder import data_eot, resolve_data
 
 PROMPT = "import os\n\n\ndef main("
 FIELDS = ("name", "checkpoint", "step", "device", "disk_bytes", "params", "linear_bytes", "val_loss", "val_bpb",
@@ -59,7 +59,8 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
         _check_data(run, dataset, path)
         block = run.config.model.block_size
         if block not in batches:
-            batches[block] = val_batches(dataset.val, block, run.config.train.batch_size, eval_tokens)
+            batches[block] = val_batches(dataset.val, block, run.config.train.batch_size, eval_tokens,
+                                         eot_id=data_eot(dataset))
         tokenizer = dataset.tokenizer or run.tokenizer
         token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
         val = evaluate(run.model, batches[block], precision, token_bytes, device)

@@ -139,6 +139,9 @@ class DataConfig:
     """Check every shard's sha256 against manifest.json before training."""
     prefetch: int = 2
     """Optimizer steps of batches built ahead of time in a background thread (0: build them inline)."""
+    document_mask: bool = False
+    """Document masking for text: attention never crosses an end-of-text token, so the documents packed into
+    one window do not see each other (chat data, from prepare --format chat, always has it)."""
 
     def check(self) -> None:
         positive(self, "vocab_size")

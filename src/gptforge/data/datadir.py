@@ -7,6 +7,7 @@ without a manifest must still say how large its vocabulary is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ class DataDir:
     tokenizer: Tokenizer | None
     vocab_size: int
     manifest: dict | None
+
+    @property
+    def chat(self) -> dict | None:
+        """What `prepare --format chat` recorded (train_on, conversations, skipped), or None for text data."""
+        return (self.manifest or {}).get("chat")
 
 
 def load_data_dir(data_dir: str | Path, *, verify_sha256: bool = True) -> DataDir:
@@ -98,10 +104,24 @@ def _manifest_shards(path: Path, manifest: dict, verify_sha256: bool) -> dict[st
                     raise DataError(f"{shard}: has {info.num_tokens} tokens, manifest.json says {entry['tokens']}")
                 if verify_sha256 and sha256_file(shard) != entry["sha256"]:
                     raise DataError(f"{shard}: sha256 differs from manifest.json; the file was changed or damaged")
+                if "mask" in entry:
+                    info = dataclasses.replace(info, mask=_checked_mask(path, entry, verify_sha256))
                 splits[split].append(info)
     except (KeyError, TypeError) as exc:
         raise DataError(f"{path / 'manifest.json'}: malformed, missing or wrong entry {exc}") from exc
     return splits
+
+
+def _checked_mask(path: Path, entry: dict, verify_sha256: bool) -> Path:
+    """The loss mask a manifest lists beside a shard, checked like the shard: present, as long, intact."""
+    mask = path / entry["mask"]["file"]
+    if not mask.is_file():
+        raise DataError(f"{mask}: listed in manifest.json but missing")
+    if read_header(mask).num_tokens != entry["tokens"]:
+        raise DataError(f"{mask}: a loss mask of {read_header(mask).num_tokens} values for {entry['tokens']} tokens")
+    if verify_sha256 and sha256_file(mask) != entry["mask"]["sha256"]:
+        raise DataError(f"{mask}: sha256 differs from manifest.json; the file was changed or damaged")
+    return mask
 
 
 def _vocab_from_headers(path: Path, splits: dict[str, list[ShardInfo]]) -> int:

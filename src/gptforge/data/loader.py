@@ -10,6 +10,10 @@ those windows, so no data is skipped, and is built inline, since the background 
 
     random      windows start anywhere (uniform over every valid start in every shard)
     sequential  consecutive windows sweep the concatenated shards; an epoch ends when a step no longer fits
+
+Data with a loss mask (chat data) is read in packed windows instead (data/packing.py): whole conversations
+placed best fit, so "anywhere" becomes any packed window and the sweep goes window by window. Targets the
+mask leaves out are -1, which the loss ignores.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gptforge.data.shards import ShardInfo, open_shard
+from gptforge.data.packing import Packed, document_bounds, pack
+from gptforge.data.shards import ShardInfo, open_shard, read_header
 from gptforge.errors import DataError
 
 
@@ -64,6 +69,43 @@ class TokenStream:
         return out
 
 
+def masked_stream(shards: list[ShardInfo]) -> TokenStream | None:
+    """The loss masks of `shards` as one stream, or None when they have none (text data)."""
+    if not any(s.mask for s in shards):
+        return None
+    if not all(s.mask for s in shards):
+        raise DataError("some shards have a loss mask and some do not; prepare the data again")
+    return TokenStream([read_header(s.mask) for s in shards])
+
+
+def pack_stream(stream: TokenStream, eot_id: int, window: int) -> Packed:
+    """The packed windows of a stream whose documents each begin with eot_id."""
+    boundaries = np.concatenate([np.flatnonzero(np.asarray(a) == eot_id) + int(o)
+                                 for a, o in zip(stream.arrays, stream.starts[:-1])])
+    return pack(*document_bounds(boundaries, stream.total), window)
+
+
+def packed_rows(stream: TokenStream, masks: TokenStream, packed: Packed, indices, eot_id: int) -> np.ndarray:
+    """(len(indices), window) token rows of packed windows, with -1 - token where the mask is 0 and
+    padding after the documents (decode with `split_rows`)."""
+    rows = np.full((len(indices), packed.window), -1 - eot_id, dtype=np.int64)
+    for r, i in enumerate(indices):
+        at = 0
+        for start, n in packed.pieces(int(i)):
+            tokens, mask = stream.read(start, n), masks.read(start, n)
+            rows[r, at:at + n] = np.where(mask > 0, tokens, -1 - tokens)
+            at += n
+    return rows
+
+
+def split_rows(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of rows (B, T + 1) from packed_rows or plain reads: inputs are the tokens, targets the next
+    tokens with -1 where a target is masked out."""
+    tokens = torch.where(data < 0, -1 - data, data)  # (B, T + 1)
+    y = torch.where(data[:, 1:] < 0, -1, data[:, 1:])
+    return tokens[:, :-1], y
+
+
 class TokenLoader:
     """Training batches for one process. `next_step()` returns its `accum` micro-batches (x, y) on device."""
 
@@ -77,15 +119,28 @@ class TokenLoader:
         device: torch.device | str = "cpu",
         prefetch: int = 2,
         state: dict | None = None,
+        eot_id: int | None = None,
     ):
         self.stream = TokenStream(shards)
+        self.masks = masked_stream(shards)
         self.layout = layout
         self.mode = mode
         self.device = torch.device(device)
         self.prefetch = prefetch
         self._pin = self.device.type == "cuda"
         T = layout.block_size
-        if mode == "random":
+        self.packed = None
+        if self.masks is not None:
+            if eot_id is None:
+                raise ValueError("data with a loss mask is packed by document: the loader needs eot_id")
+            self.eot_id = eot_id
+            self.packed = pack_stream(self.stream, eot_id, T + 1)
+            if mode == "sequential" and self.packed.windows < layout.global_windows:
+                raise DataError(f"the conversations fill {self.packed.windows} windows of {T + 1} tokens, fewer "
+                                f"than one optimizer step needs ({layout.global_windows}); use a smaller batch")
+            self._rng = np.random.Generator(np.random.PCG64(seed))
+            self._cursor, self._epoch = 0, 0
+        elif mode == "random":
             # A window of T+1 tokens starting at s lies inside its shard when s <= size - (T+1).
             self._valid = np.maximum(self.stream.sizes - T, 0)
             self._valid_starts = np.concatenate([[0], np.cumsum(self._valid)])
@@ -140,6 +195,13 @@ class TokenLoader:
     def _global_starts(self, accum: int) -> np.ndarray:
         """Start positions (in the concatenated stream) of a step's global windows; advances the position."""
         n, T = accum * self.layout.world_size * self.layout.batch_size, self.layout.block_size
+        if self.packed is not None:  # window indices
+            if self.mode == "random":
+                return self._rng.integers(0, self.packed.windows, size=n)
+            if self._cursor + n > self.packed.windows:
+                self._cursor, self._epoch = 0, self._epoch + 1
+            self._cursor += n
+            return np.arange(self._cursor - n, self._cursor, dtype=np.int64)
         if self.mode == "random":
             picks = self._rng.integers(0, self._valid_starts[-1], size=n)
             shard = np.searchsorted(self._valid_starts, picks, side="right") - 1
@@ -156,11 +218,15 @@ class TokenLoader:
         batches = []
         for m in range(accum):
             first = (m * L.world_size + L.rank) * L.batch_size
-            rows = np.stack([self.stream.read(int(s), L.block_size + 1) for s in starts[first : first + L.batch_size]])
+            picked = starts[first : first + L.batch_size]
+            if self.packed is not None:
+                rows = packed_rows(self.stream, self.masks, self.packed, picked, self.eot_id)
+            else:
+                rows = np.stack([self.stream.read(int(s), L.block_size + 1) for s in picked])
             data = torch.from_numpy(rows)
             if self._pin:
                 data = data.pin_memory()
-            batches.append((data[:, :-1], data[:, 1:]))
+            batches.append(split_rows(data) if self.packed is not None else (data[:, :-1], data[:, 1:]))
         return batches, self._snapshot()
 
     def _worker(self) -> None:
@@ -207,13 +273,18 @@ class TokenLoader:
 
 
 def val_batches(
-    shards: list[ShardInfo], block_size: int, batch_size: int, eval_tokens: int, rank: int = 0, world_size: int = 1
+    shards: list[ShardInfo], block_size: int, batch_size: int, eval_tokens: int, rank: int = 0, world_size: int = 1,
+    eot_id: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed validation subset: the first eval_tokens of the val stream in windows, strided over ranks.
+    """The fixed validation subset: the first eval_tokens of the val stream in windows, strided over ranks
+    (packed windows of whole conversations for chat data, whose loss counts only the masked-in targets).
 
     Every rank gets the same number of windows (sharded models need every process in every forward).
     """
     stream = TokenStream(shards)
+    masks = masked_stream(shards)
+    if masks is not None:
+        return _packed_val(stream, masks, block_size, batch_size, eval_tokens, rank, world_size, eot_id)
     fits = (stream.total - 1) // block_size // world_size * world_size
     if fits < world_size:
         raise DataError(
@@ -227,3 +298,17 @@ def val_batches(
         data = torch.from_numpy(np.stack(rows[i : i + batch_size]))
         batches.append((data[:, :-1], data[:, 1:]))
     return batches
+
+
+def _packed_val(stream: TokenStream, masks: TokenStream, block_size: int, batch_size: int, eval_tokens: int,
+                rank: int, world_size: int, eot_id: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if eot_id is None:
+        raise ValueError("data with a loss mask is packed by document: val_batches needs eot_id")
+    packed = pack_stream(stream, eot_id, block_size + 1)
+    fits = packed.windows // world_size * world_size
+    if fits < world_size:
+        raise DataError(f"the validation conversations fill {packed.windows} windows, fewer than one per process")
+    n = max(world_size, min(eval_tokens // block_size // world_size * world_size, fits))
+    indices = list(range(rank, n, world_size))
+    return [split_rows(torch.from_numpy(packed_rows(stream, masks, packed, indices[i:i + batch_size], eot_id)))
+            for i in range(0, len(indices), batch_size)]

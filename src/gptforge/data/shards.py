@@ -11,6 +11,10 @@ A shard is a 1024-byte header of 256 little-endian int32 followed by the tokens:
 
 Keeping the format byte-compatible means shards made by llm.c or modded-nanogpt
 train here unchanged, and ours load there.
+
+Chat data (`prepare --format chat`) adds a loss mask beside each shard: `train_000000.mask` holds one value
+per token of `train_000000.bin` in the same format (vocabulary size 2), 1 where the token is a training
+target (an assistant's answer) and 0 where it is context. manifest.json lists each mask with its sha256.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from gptforge.errors import DataError
 
+MASK_SUFFIX = ".mask"  # train_000000.mask beside train_000000.bin: the same format, values 0 or 1 (vocab_size 2)
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 UINT16_MAGIC, UINT16_VERSION = 20240520, 1
@@ -39,6 +44,7 @@ class ShardInfo:
     num_tokens: int
     dtype: np.dtype
     vocab_size: int | None  # None for shards whose header does not record it (llm.c's)
+    mask: Path | None = None  # chat data: the loss mask beside the tokens, one 0/1 value per token (MASK_SUFFIX)
 
 
 def _format_for(vocab_size: int) -> tuple[int, int, np.dtype]:
@@ -124,13 +130,15 @@ class ShardWriter:
     each shard gets its final header, fsync and name only once it is complete.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, vocab_size: int, shard_tokens: int = 100_000_000):
+    def __init__(self, out_dir: str | Path, prefix: str, vocab_size: int, shard_tokens: int = 100_000_000,
+                 suffix: str = ".bin"):
         if not 0 < shard_tokens < 1 << 31:
             raise ValueError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.vocab_size = vocab_size
         self.shard_tokens = shard_tokens
+        self.suffix = suffix
         self.num_tokens = 0
         self._dtype = _format_for(vocab_size)[2]
         self._paths: list[Path] = []
@@ -158,7 +166,7 @@ class ShardWriter:
         return list(self._paths)
 
     def _path(self) -> Path:
-        return self.out_dir / f"{self.prefix}_{len(self._paths):06d}.bin"
+        return self.out_dir / f"{self.prefix}_{len(self._paths):06d}{self.suffix}"
 
     def _open_next(self) -> None:
         self._file = open(f"{self._path()}.tmp", "wb")

@@ -19,7 +19,8 @@ def evaluate(
     device: torch.device | str = "cpu",
     world=None,
 ) -> dict[str, float]:
-    """Mean loss per token (nats), bits per byte and perplexity over `batches`.
+    """Mean loss per token (nats), bits per byte and perplexity over `batches` (over the targets that count:
+    for chat data the assistant's tokens).
 
     Bits per byte divides the summed loss by the UTF-8 bytes the target tokens stand for, so models with
     different tokenizers can be compared; it is None when the tokenizer is unknown. With a `world` of several
@@ -33,10 +34,11 @@ def evaluate(
         x, y = x.to(device), y.to(device)
         with precision.autocast():
             losses = model(x, y, reduction="none")  # (B, T)
+        counted = y >= 0  # (B, T) chat data: -1 marks a target the loss mask leaves out
         totals[0] += losses.double().sum()
-        totals[1] += y.numel()
+        totals[1] += counted.sum()
         if byte_table is not None:
-            totals[2] += byte_table[y].sum()
+            totals[2] += (byte_table[y.clamp(min=0)] * counted).sum()
     model.train(was_training)
     if world is not None:
         world.all_reduce(totals)

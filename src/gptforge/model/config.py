@@ -57,6 +57,10 @@ class GPTConfig:
     as the identity."""
     vocab_multiple: int = 128
     """Pad the embedding and head to a multiple of this many rows (tensor-core friendly)."""
+    doc_token: int = -1
+    """Document masking: each occurrence of this token id starts a new document, and attention never
+    crosses from one document to another (learned positions restart at each document); -1: plain causal
+    attention. Set to the end-of-text id by data.document_mask and for chat data; not a key to set by hand."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -93,5 +97,8 @@ class GPTConfig:
             raise ValueError(f"model.pos=rope needs an even head size; n_embd/n_head = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be a probability in [0, 1), got {self.dropout}")
+        if self.doc_token < -1 or self.doc_token >= self.vocab_size:
+            raise ValueError(f"model.doc_token must be -1 or a token id below vocab_size={self.vocab_size}, "
+                             f"got {self.doc_token}")
         if self.logit_softcap < 0:
             raise ValueError(f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")

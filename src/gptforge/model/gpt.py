@@ -91,6 +91,7 @@ class KVCache:
         self.dtype = dtype
         self.k: torch.Tensor | None = None  # (n_layer, B, nh, max_len, hd) once allocated
         self.v: torch.Tensor | None = None
+        self.doc: torch.Tensor | None = None  # (B, max_len) document ids, for a model with document masking
         self.pos = 0
 
     def reset(self) -> None:
@@ -126,9 +127,11 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.rotary = apply_rotary  # (x, cos, sin) -> x rotated; gptforge.kernels may swap in a fused kernel
+        self.flex = flex_attention  # (q, k, v, block_mask) -> y; gptforge.train.techniques may compile it
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None for causal attention, or which keys each query may see, (B, 1, T, past + T) bool."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
@@ -142,15 +145,76 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hd)
-        mask = None
-        if past > 0 and T > 1:
-            # A chunk appended to a filled cache: query i sees every cached position and new positions <= i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, past + T)
-        # past == 0: plain causal attention. One new token (T == 1) may attend to everything cached.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask
+            y = self.flex(q, k, v, block_mask=mask)  # (B, nh, T, hd)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        if mask is None and past > 0 and T > 1:
+            mask = causal_mask(T, past, x.device)  # (T, past + T)
+        # No mask and past == 0: plain causal attention. One new token (T == 1) may attend to everything cached.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
+    """(T, past + T) bool: new token i (at position past + i) sees every cached position and new ones <= i."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def document_mask(idx: torch.Tensor, doc_token: int, cache: KVCache | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Document masking for token ids idx (B, T): (the attention mask, each token's position in its document).
+
+    Each doc_token starts a new document (it belongs to the one it starts), so a token's document is the
+    count of doc_tokens up to it. Query i may see key j when j is not later and in the same document. With
+    a cache the ids of cached positions come from it and the new ones are stored in it. The mask is None
+    when every key of every row is in one document: plain causal attention is then the same and faster.
+    """
+    B, T = idx.shape
+    past = 0 if cache is None else cache.pos
+    doc = (idx == doc_token).long().cumsum(1)  # (B, T)
+    if cache is not None:
+        if cache.doc is None:
+            cache.doc = torch.zeros(cache.batch_size, cache.max_len, dtype=torch.long, device=idx.device)
+        if past:
+            doc = doc + cache.doc[:, past - 1:past]
+        cache.doc[:, past:past + T] = doc
+        keys = cache.doc[:, :past + T]  # (B, past + T)
+    else:
+        keys = doc
+    positions = _positions_in_documents(keys)[:, past:]  # (B, T)
+    if not torch.compiler.is_compiling() and bool((keys == keys[:, :1]).all()):  # a host sync; compile skips it
+        return None, positions
+    same = doc[:, :, None] == keys[:, None, :]  # (B, T, past + T)
+    return (same & causal_mask(T, past, idx.device))[:, None], positions  # (B, 1, T, past + T)
+
+
+def _positions_in_documents(doc: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> each token's position within its document."""
+    index = torch.arange(doc.size(1), device=doc.device)
+    starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], dim=1)
+    return index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, S)
+
+
+def flex_document_mask(idx: torch.Tensor, doc_token: int) -> tuple[object, torch.Tensor]:
+    """document_mask as a flex-attention BlockMask, for a forward without a cache: blocks of 128 x 128
+    positions where no query sees a key are skipped, instead of an SDPA mask of B x T x T booleans."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = idx.shape
+    doc = (idx == doc_token).long().cumsum(1)  # (B, T)
+
+    def same_document(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document, B, None, T, T, device=idx.device), _positions_in_documents(doc)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """PyTorch's flex attention, eager (a reference; gptforge.train.techniques compiles it on a GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return flex(q, k, v, block_mask=block_mask)
 
 
 class _ReLUSquared(torch.autograd.Function):
@@ -220,9 +284,13 @@ class LearnedPositions:
         model.transformer.wpe = nn.Embedding(model.config.block_size, model.config.n_embd)
 
     @staticmethod
-    def encode(model: GPT, x: torch.Tensor, past: int) -> tuple[torch.Tensor, None]:
-        """Token embeddings x (B, T, C) of positions [past, past + T) -> (x plus positions, no rotary)."""
-        return x + model.transformer.wpe(torch.arange(past, past + x.size(1), device=x.device)), None
+    def encode(model: GPT, x: torch.Tensor, past: int,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """Token embeddings x (B, T, C) of positions [past, past + T), or of `positions` (B, T) when given
+        (document masking: positions within each document) -> (x plus positions, no rotary)."""
+        if positions is None:
+            positions = torch.arange(past, past + x.size(1), device=x.device)
+        return x + model.transformer.wpe(positions), None
 
 
 class RotaryPositions:
@@ -237,8 +305,12 @@ class RotaryPositions:
         model.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd/2)
 
     @staticmethod
-    def encode(model: GPT, x: torch.Tensor, past: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Token embeddings x (B, T, C) of positions [past, past + T) -> (x, the rotary tables of those positions)."""
+    def encode(model: GPT, x: torch.Tensor, past: int,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Token embeddings x (B, T, C) of positions [past, past + T) -> (x, the rotary tables of those positions).
+
+        `positions` is ignored: a rotary attention score depends only on how far apart query and key are,
+        so under document masking a document sees the same scores wherever it starts in the window."""
         end = past + x.size(1)
         return x, (model.rope_cos[past:end], model.rope_sin[past:end])  # (T, hd/2) each
 
@@ -269,8 +341,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)  # (B, T, C)
+                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -303,6 +375,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # (model, hidden, targets, reduction) -> loss, set from outside (gptforge.kernels) to replace loss().
         self.head_loss = None
+        # Document masking through flex attention instead of an SDPA mask; set from outside
+        # (gptforge.train.techniques, on a GPU), used for forwards without a cache.
+        self.flex_documents = False
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, and residual output projections scaled by 1/sqrt(2 * n_layer)
@@ -345,9 +420,14 @@ class GPT(nn.Module):
             raise ValueError(f"batch of {B} x {T} tokens does not fit a KVCache of batch_size={cache.batch_size}, "
                              f"max_len={cache.max_len} holding {past} positions")
 
-        x, rope = self.positions.encode(self, self.transformer.wte(idx), past)  # (B, T, C); rotary tables or None
+        mask = positions = None
+        if self.config.doc_token >= 0 and self.flex_documents and cache is None:
+            mask, positions = flex_document_mask(idx, self.config.doc_token)  # BlockMask, (B, T)
+        elif self.config.doc_token >= 0:
+            mask, positions = document_mask(idx, self.config.doc_token, cache)  # (B, 1, T, past + T), (B, T)
+        x, rope = self.positions.encode(self, self.transformer.wte(idx), past, positions)  # (B, T, C); rotary or None
         for block in self.transformer.h:
-            x = block(x, rope, cache)  # (B, T, C)
+            x = block(x, rope, cache, mask)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
             cache.pos += T

@@ -10,7 +10,8 @@ the ones before it built:
      3. adapters        LoRA and quantization-aware training (adapt/lora.py, adapt/qat.py)
         kernels         fused RMSNorm / RoPE and the chunked cross-entropy (kernels/)
         noise           NEFTune on the input embeddings (adapt/neftune.py)
-     4. device          the model moves to train.device (its own GPU per process under torchrun)
+     4. device          the model moves to train.device (its own GPU per process under torchrun); on a GPU,
+                        document masking attends through compiled flex attention (train/techniques.py)
      5. fp8, activation checkpointing                (train/techniques.py)
      6. batch size      train.batch_size=auto, found on the model as it will train (train/batch_finder.py)
      7. distribute      DDP or fully_shard under torchrun (parallel/distribute.py)
@@ -37,7 +38,7 @@ from gptforge.config import Config, validate
 from gptforge.data.augment import Augmenter
 from gptforge.data.loader import Layout, TokenLoader, val_batches
 from gptforge.data.datadir import DataDir, load_data_dir
-from gptforge.errors import CheckpointError
+from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import build_model
 from gptforge.observe import console
 from gptforge.parallel.distribute import CommStats, distribute
@@ -49,7 +50,8 @@ from gptforge.train.guard import Guard
 from gptforge.train.optim import build_optimizer
 from gptforge.train.resume import Resume, check_same_run, restore
 from gptforge.train.step import Stepper, sparsity_masks
-from gptforge.train.techniques import apply_activation_checkpointing, apply_compile, apply_fp8
+from gptforge.train.techniques import (apply_activation_checkpointing, apply_compile, apply_flex_documents,
+                                       apply_fp8)
 
 
 @dataclass
@@ -100,6 +102,7 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     apply_adapters(raw_model, cfg)                                                     # 3. adapters, kernels, noise
     _apply_kernels_and_noise(raw_model, cfg)
     raw_model.to(device)                                                               # 4. device
+    apply_flex_documents(raw_model, device)
     if cfg.speed.fp8:                                                                  # 5. fp8, checkpointing
         apply_fp8(raw_model, device)
     apply_activation_checkpointing(raw_model, cfg.speed.activation_checkpointing)
@@ -138,14 +141,45 @@ def _initial_model(cfg: Config, data: DataDir, fine_tune: bool) -> tuple[Config,
     from finetune.init_from when fine-tuning), built at run.seed, with init_from's weights when `fine_tune`
     (a resumed fine-tune gets its weights from its own checkpoint instead)."""
     source = init_source(cfg, data) if cfg.finetune.init_from else None
-    model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else \
-        dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else cfg.model
+    vocab_size = max(model_cfg.vocab_size, data.vocab_size) if source else data.vocab_size  # chat tokens grow it
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab_size,
+                                                             doc_token=document_token(cfg, data)))
     rng.seed_everything(cfg.run.seed)  # the same initial weights on every process
     model = build_model(cfg.model)
     if source is not None and fine_tune:
-        model.load_state_dict(source.model.state_dict())
+        model.load_state_dict(grown_state(source.model.state_dict(), model.state_dict()))
     return cfg, model
+
+
+def document_token(cfg: Config, data: DataDir) -> int:
+    """model.doc_token for this data: its end-of-text id when documents must not see each other (chat data
+    always; text with data.document_mask), else -1."""
+    if not (data.chat or cfg.data.document_mask):
+        return -1
+    eot = data.tokenizer.eot_id if data.tokenizer else (data.manifest or {}).get("tokenizer", {}).get("eot_id")
+    if eot is None:
+        raise ConfigError(f"data.document_mask: {data.path} has no tokenizer.json to tell the end-of-text id "
+                          "that separates its documents; put the tokenizer it was made with into the folder")
+    return int(eot)
+
+
+def grown_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`source` weights for a model whose vocabulary grew (chat tokens added after the base vocabulary): the
+    embedding and head keep their rows, and each new row starts at the mean of the old ones plus noise of
+    the initial scale (so new tokens start as an average token, not at random far from the rest, and differ
+    from each other). Tensors of unchanged shape pass through."""
+    out = dict(source)
+    for name, old in source.items():
+        new = target[name]
+        if old.shape == new.shape or old.dim() != 2 or old.shape[1:] != new.shape[1:] or old.shape[0] > new.shape[0]:
+            continue
+        grown = old.new_empty(new.shape)
+        grown[:old.shape[0]] = old
+        grown[old.shape[0]:] = old.mean(0) + 0.02 * torch.randn(new.shape[0] - old.shape[0], old.shape[1],
+                                                                dtype=old.dtype)
+        out[name] = grown
+    return out
 
 
 def init_source(cfg: Config, data: DataDir) -> Any:
@@ -157,13 +191,22 @@ def init_source(cfg: Config, data: DataDir) -> Any:
     if "quantization" in source.state:
         raise CheckpointError(f"{where} is quantized; fine-tune the full-precision run "
                               "(and use finetune.qat for quantization-aware training)")
-    if source.tokenizer is not None and data.tokenizer is not None and source.tokenizer.sha256 != data.tokenizer.sha256:
+    if source.tokenizer is not None and data.tokenizer is not None and not _same_vocabulary(source.tokenizer, data):
         raise CheckpointError(f"{data.path} was tokenized with another tokenizer than {where}; "
                               f"prepare the data with --tokenizer {source.checkpoint / 'tokenizer.json'}")
-    if data.vocab_size > source.config.model.vocab_size:
+    if data.vocab_size > source.config.model.vocab_size and not data.chat:
         raise CheckpointError(f"{data.path} has {data.vocab_size} token ids but the model of {where} only "
                               f"{source.config.model.vocab_size}")
     return source
+
+
+def _same_vocabulary(base: Any, data: DataDir) -> bool:
+    """Whether data was tokenized with `base`, or (chat data) with `base` plus the chat tokens."""
+    if base.sha256 == data.tokenizer.sha256:
+        return True
+    from gptforge.data.chat import with_chat_tokens
+
+    return bool(data.chat) and with_chat_tokens(base).sha256 == data.tokenizer.sha256
 
 
 def apply_adapters(model: nn.Module, cfg: Config) -> None:
@@ -194,13 +237,21 @@ def _loader(cfg: Config, data: DataDir, world: World, device: torch.device, resu
     layout = Layout(cfg.model.block_size, cfg.train.batch_size, cfg.grad_accum_steps(world.world_size),
                     world.rank, world.world_size)
     return TokenLoader(data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
-                       prefetch=cfg.data.prefetch, state=resume.state.loader if resume else None)
+                       prefetch=cfg.data.prefetch, state=resume.state.loader if resume else None,
+                       eot_id=data_eot(data))
+
+
+def data_eot(data: DataDir) -> int | None:
+    """The end-of-text id of the data, which chat data is packed by (None when nothing records it)."""
+    if data.tokenizer is not None:
+        return data.tokenizer.eot_id
+    return (data.manifest or {}).get("tokenizer", {}).get("eot_id")
 
 
 def _validation(cfg: Config, data: DataDir, world: World, report: Callable[[str], None]) -> list:
     """The fixed validation batches; a warning when the val split holds fewer windows than eval.tokens asks."""
     batches = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens,
-                          world.rank, world.world_size)
+                          world.rank, world.world_size, eot_id=data_eot(data))
     asked = cfg.eval.tokens // cfg.model.block_size
     windows = sum(len(x) for x, _ in batches) * world.world_size
     if windows < asked:
