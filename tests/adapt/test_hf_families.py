@@ -207,3 +207,50 @@ def test_import_refuses_what_gptforge_computes_differently(tmp_path, family, key
         import_hf(tmp_path / "hf", tmp_path / "run")
     assert words in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_chat_run_exports_its_template_and_stops_at_end(transformers, tmp_path):
+    """A chat fine-tune's tokenizer (chat tokens added, document masking on): AutoTokenizer renders a
+    conversation to the ids gptforge's template gives, and generation stops at <|end|>."""
+    from gptforge.data.chat import ChatTemplate, with_chat_tokens
+
+    tok = with_chat_tokens(Tokenizer.train_bpe(TEXTS, vocab_size=VOCAB))
+    _run(tmp_path / "run", tok, vocab_size=tok.vocab_size, doc_token=tok.eot_id, block_size=64)
+    said = []
+    export_hf(tmp_path / "run", tmp_path / "out", report=said.append)
+    assert any("document masking" in s for s in said)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "parse text"},
+                {"role": "assistant", "content": "def parse(text):"}, {"role": "user", "content": "a class"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    template = ChatTemplate(tok)
+    assert ids == template.prompt_ids(messages)
+    assert hf_tok.eos_token_id == template.end_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert template.end_id in hf.generation_config.eos_token_id
+    gpt, _ = gptforge.load(tmp_path / "run")
+    x = torch.tensor([ids])
+    with torch.no_grad():  # one conversation is one document: document masking changes nothing
+        assert (hf(x).logits - gpt(x)).abs().max() < 1e-4
+
+
+def test_a_trained_default_run_generates_what_gptforge_sample_does(transformers, small_data, tmp_path, capsys):
+    """`gptforge train` (default recipe, tiny shape) -> export-hf -> pipeline("text-generation") greedy:
+    the same text as `gptforge sample --temperature 0`."""
+    from gptforge.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", f"data.dir={small_data}", f"run.dir={run}", "model.preset=tiny", "train.max_steps=30",
+                 "train.max_time=null", "train.batch_size=8", "eval.tokens=2048", "train.samples=0",
+                 "run.tensorboard=false"]) == 0
+    assert main(["export-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "as ApertusForCausalLM" in capsys.readouterr().out
+    prompt = "def parse(self, "
+    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16",
+                 "--no-stop", "--safety", "off", "--no-eot-prefix", "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out.removesuffix("\n")
+    generate = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    generate.model.generation_config.eos_token_id = None  # run the full length, as --no-stop does
+    theirs = generate(prompt, max_new_tokens=16, do_sample=False)[0]["generated_text"]
+    assert theirs == ours and len(ours) > len(prompt)

@@ -64,7 +64,7 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f16", *, force: 
     if out.exists() and not force:
         raise GptforgeError(f"{out}: already exists; pass --force to replace it")
     loaded = load_run(run, report=report)
-    family = exportable_family(loaded)
+    family = exportable_family(loaded, report)
     m = loaded.config.model
     _check_gguf(family, m, loaded.checkpoint)
     if loaded.tokenizer is None:
@@ -177,18 +177,12 @@ def _tokenizer(writer, gguf, loaded, vocab_size: int) -> None:
     writer.add_bos_token_id(eot)
     writer.add_eos_token_id(eot)
     writer.add_add_bos_token(True)  # gptforge's documents each follow <|endoftext|>
-    template = _chat_template(loaded.tokenizer)
-    if template is not None:
-        writer.add_chat_template(template)
+    from gptforge.data.chat import JINJA_TEMPLATE, ChatTemplate
 
-
-def _chat_template(tokenizer) -> str | None:
-    """The Jinja chat template, where the run's tokenizer has chat tokens (data/chat.py), else None."""
-    try:
-        from gptforge.data.chat import JINJA_TEMPLATE, ChatTemplate
-    except ImportError:
-        return None
-    return JINJA_TEMPLATE if ChatTemplate.from_tokenizer(tokenizer) is not None else None
+    chat = ChatTemplate.from_tokenizer(loaded.tokenizer)
+    if chat is not None:  # an answer ends at <|end|>: llama.cpp stops at an end-of-turn token
+        writer.add_chat_template(JINJA_TEMPLATE)
+        writer.add_eot_token_id(chat.end_id)
 
 
 def _encode(gguf, array: np.ndarray, dtype: str) -> tuple[np.ndarray, object]:

@@ -197,7 +197,7 @@ def export_hf(run: str | Path, out: str | Path, *, force: bool = False,
     out = Path(out)
     _check_out(out, force)
     loaded = load_run(run, report=report)
-    family = exportable_family(loaded)
+    family = exportable_family(loaded, report)
     m = loaded.config.model
     tensors = to_hf(family, plain_state(loaded, report), m)
     eot = loaded.tokenizer.eot_id if loaded.tokenizer is not None else None
@@ -207,22 +207,41 @@ def export_hf(run: str | Path, out: str | Path, *, force: bool = False,
         _write_json(tmp / "config.json", hf_config(family, m, eot))
         if loaded.tokenizer is not None:
             _write_tokenizer(loaded, tmp)
-            _write_json(tmp / "generation_config.json", dict(bos_token_id=eot, eos_token_id=eot))
+            _write_json(tmp / "generation_config.json", dict(bos_token_id=eot, eos_token_id=_stop_ids(loaded)))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def exportable_family(loaded: LoadedRun) -> Family:
-    """The family that computes the run's model exactly, or a GptforgeError naming the switches that stop it."""
-    if loaded.config.model.arch != "gpt":
-        raise GptforgeError(f"{loaded.checkpoint}: model.arch={loaded.config.model.arch!r} cannot be exported; "
+def exportable_family(loaded: LoadedRun, report: Callable[[str], None] = print) -> Family:
+    """The family that computes the run's model exactly, or a GptforgeError naming the switches that stop it.
+
+    Document masking (model.doc_token) is no switch of any family: within one document it computes plain
+    causal attention (rotary scores depend on distances only, and a document that starts the input starts at
+    position 0), so the export is exact on text that holds one document, as a prompt or a conversation does;
+    `report` says so."""
+    m = loaded.config.model
+    if m.arch != "gpt":
+        raise GptforgeError(f"{loaded.checkpoint}: model.arch={m.arch!r} cannot be exported; "
                             "only model.arch=gpt maps to a Hugging Face family")
     try:
-        return choose(loaded.config.model)
+        family = choose(m)
     except Unexportable as e:
         raise GptforgeError(f"{loaded.checkpoint}: cannot export: {e}") from None
+    if getattr(m, "doc_token", -1) >= 0:
+        report(f"{loaded.checkpoint}: the model masks attention at token {m.doc_token} (document masking); the "
+               "export attends across documents, so it computes the same only on inputs holding one document "
+               f"(token {m.doc_token} first or absent), as a prompt or one conversation does")
+    return family
+
+
+def _stop_ids(loaded: LoadedRun) -> int | list[int]:
+    """Where generation stops: end-of-text, and for a run with a chat template <|end|> too."""
+    from gptforge.data.chat import ChatTemplate
+
+    template = ChatTemplate.from_tokenizer(loaded.tokenizer)
+    return loaded.tokenizer.eot_id if template is None else [template.end_id, loaded.tokenizer.eot_id]
 
 
 def plain_state(loaded: LoadedRun, report: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
@@ -247,12 +266,18 @@ def plain_state(loaded: LoadedRun, report: Callable[[str], None] = print) -> dic
 def _write_tokenizer(loaded: LoadedRun, folder: Path) -> None:
     """tokenizer.json as the run has it, and the config that makes AutoTokenizer a PreTrainedTokenizerFast
     (GPT2TokenizerFast would assume GPT-2's pre-tokenizer, which a gptforge tokenizer need not have)."""
+    from gptforge.data.chat import END, JINJA_TEMPLATE, ChatTemplate
+
     shutil.copyfile(loaded.checkpoint / "tokenizer.json", folder / "tokenizer.json")
-    special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    chat = ChatTemplate.from_tokenizer(loaded.tokenizer) is not None
+    # a chat run's answer ends at <|end|>: generation stops there (generation_config.json lists it too)
+    special = dict(bos_token=EOT, eos_token=END if chat else EOT, unk_token=EOT)
     _write_json(folder / "special_tokens_map.json", special)
-    _write_json(folder / "tokenizer_config.json", dict(
-        tokenizer_class="PreTrainedTokenizerFast", model_max_length=loaded.config.model.block_size,
-        clean_up_tokenization_spaces=False, **special))
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=loaded.config.model.block_size,
+                  clean_up_tokenization_spaces=False, **special)
+    if chat:
+        config["chat_template"] = JINJA_TEMPLATE
+    _write_json(folder / "tokenizer_config.json", config)
 
 
 # ----------------------------------------------------------------------------------------------------------
