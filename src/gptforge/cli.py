@@ -93,7 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.tasks:
         if args.bias:
             raise GptforgeError("--tasks and --bias are separate evaluations; give one of them")
-        from gptforge.evaluate.tasks import run_eval_tasks
+        from gptforge.evaluate.task_eval import run_eval_tasks
 
         return run_eval_tasks(args)
     if args.bias:
