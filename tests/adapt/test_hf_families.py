@@ -153,7 +153,8 @@ def _hf_model(transformers, family: str, tied: bool, **extra):
     """A random model of a transformers family, configured through its own config class."""
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128 if family != "llama" else 192,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                 max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=tied, **extra)
+                 max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    shape.update(extra)
     if family == "arcee":
         shape["hidden_act"] = "relu2"
     if family == "apertus":
@@ -254,3 +255,22 @@ def test_a_trained_default_run_generates_what_gptforge_sample_does(transformers,
     generate.model.generation_config.eos_token_id = None  # run the full length, as --no-stop does
     theirs = generate(prompt, max_new_tokens=16, do_sample=False)[0]["generated_text"]
     assert theirs == ours and len(ours) > len(prompt)
+
+
+def test_an_imported_llama_fine_tunes(transformers, small_data, tmp_path):
+    """A small Llama-layout checkpoint with the data's tokenizer: imported, then trained by gptforge."""
+    from gptforge.cli import main
+    from gptforge.data.datadir import load_data_dir
+    from gptforge.observe.metrics import read_metrics
+
+    vocab = load_data_dir(small_data).vocab_size
+    hf = _hf_model(transformers, "llama", False, vocab_size=vocab)
+    hf.save_pretrained(tmp_path / "hf")
+    Tokenizer.load(small_data / "tokenizer.json").save(tmp_path / "hf" / "tokenizer.json")
+    import_hf(tmp_path / "hf", tmp_path / "llama")
+    assert main(["train", f"finetune.init_from={tmp_path / 'llama'}", f"data.dir={small_data}",
+                 f"run.dir={tmp_path / 'tuned'}", "train.max_steps=4", "train.max_time=null", "train.batch_size=4",
+                 "eval.tokens=1024", "train.samples=0", "run.tensorboard=false", "optim.name=adamw"]) == 0
+    tuned, _ = gptforge.load(tmp_path / "tuned")
+    assert tuned.config.mlp == "swiglu" and choose(tuned.config).model_type == "llama"
+    assert [r["step"] for r in read_metrics(tmp_path / "tuned") if "train_loss" in r][-1] == 4
