@@ -69,9 +69,12 @@ def test_every_switch_combination_computes_the_same_or_is_refused_by_name(transf
         try:
             family = choose(m)
         except Unexportable as e:
-            nearest = min(FAMILIES.values(), key=lambda f: len(f.mismatches(m)))
-            for key, value, _ in nearest.mismatches(m):
-                assert f"model.{key}={str(value).lower() if isinstance(value, bool) else value} (exportable:" in str(e)
+            fewest = min(len(f.mismatches(m)) for f in FAMILIES.values())
+            for nearest in (f for f in FAMILIES.values() if len(f.mismatches(m)) == fewest):
+                assert f"{nearest.title} with " in str(e)
+                for key, value, _ in nearest.mismatches(m):
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    assert f"model.{key}={shown} (exportable:" in str(e)
             continue
         gpt = _random_gpt(m)
         config = hf_config(family, m, eot=0)
@@ -88,9 +91,10 @@ def test_every_switch_combination_computes_the_same_or_is_refused_by_name(transf
 
 
 def test_a_refused_combination_names_its_switch_and_writes_nothing(tokenizer, tmp_path):
-    _run(tmp_path / "run", tokenizer, norm="layernorm")  # rotary with LayerNorm: no family
-    with pytest.raises(GptforgeError, match=r"model.norm=layernorm \(exportable: model.norm=rmsnorm\); "
-                                            r"nearest family: Apertus"):
+    _run(tmp_path / "run", tokenizer, norm="layernorm")  # rotary, LayerNorm and QK-norm: no family
+    with pytest.raises(GptforgeError, match=r"nearest: Apertus with model.norm=layernorm \(exportable: model.norm="
+                                            r"rmsnorm\) \| GPT-NeoX with model.qk_norm=true \(exportable: "
+                                            r"model.qk_norm=false\)"):
         export_hf(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -111,7 +115,8 @@ def _run(path: Path, tokenizer: Tokenizer, lora: int = 0, **model) -> GPT:
 
 @pytest.mark.parametrize("model", [dict(), dict(tie_embeddings=False), dict(mlp="swiglu"),
                                    dict(mlp="swiglu", qk_norm=False, bias=True, tie_embeddings=False),
-                                   dict(qk_norm=False, mlp="gelu", bias=True)])
+                                   dict(qk_norm=False, mlp="gelu", bias=True),
+                                   dict(qk_norm=False, norm="layernorm", tie_embeddings=False)])
 def test_export_loads_without_remote_code_and_tokenizes_alike(transformers, tokenizer, tmp_path, model):
     _run(tmp_path / "run", tokenizer, **model)
     export_hf(tmp_path / "run", tmp_path / "out", report=lambda m: None)
@@ -159,7 +164,12 @@ def _hf_model(transformers, family: str, tied: bool, **extra):
         shape["hidden_act"] = "relu2"
     if family == "apertus":
         shape.update(hidden_act="relu2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    cls = {"llama": "Llama", "qwen3": "Qwen3", "arcee": "Arcee", "apertus": "Apertus"}[family]
+    if family == "gpt_neox":
+        for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            del shape[key]
+        shape.update(hidden_act="gelu", use_parallel_residual=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+    cls = {"llama": "Llama", "qwen3": "Qwen3", "arcee": "Arcee", "apertus": "Apertus", "gpt_neox": "GPTNeoX"}[family]
     torch.manual_seed(0)
     model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**shape)).eval()
     with torch.no_grad():
@@ -169,7 +179,7 @@ def _hf_model(transformers, family: str, tied: bool, **extra):
 
 
 @pytest.mark.parametrize("family, tied", [("llama", True), ("llama", False), ("qwen3", True), ("qwen3", False),
-                                          ("arcee", False), ("apertus", True)])
+                                          ("arcee", False), ("apertus", True), ("gpt_neox", True)])
 def test_import_each_family_then_export_it_back(transformers, tmp_path, family, tied):
     hf = _hf_model(transformers, family, tied)
     hf.save_pretrained(tmp_path / "hf")
@@ -194,6 +204,7 @@ def test_import_each_family_then_export_it_back(transformers, tmp_path, family, 
     ("apertus", "hidden_act", "xielu", "hidden_act='xielu'"),
     ("llama", "intermediate_size", 100, "a gated MLP's width is a multiple of 64"),
     ("qwen3", "attention_bias", True, "MLP biases, which Qwen3 lacks"),
+    ("gpt_neox", "use_parallel_residual", True, "add attention, then the MLP"),
 ])
 def test_import_refuses_what_gptforge_computes_differently(tmp_path, family, key, value, words):
     config = dict(model_type=family, vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
@@ -201,6 +212,8 @@ def test_import_refuses_what_gptforge_computes_differently(tmp_path, family, key
                   hidden_act="silu")
     if family == "apertus":
         config["hidden_act"] = "relu2"
+    if family == "gpt_neox":
+        config.update(hidden_act="gelu", rotary_pct=1.0)
     config[key] = value
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))

@@ -94,6 +94,10 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f16", *, force: 
 
 
 def _check_gguf(family: Family, m, where: Path) -> None:
+    if family.model_type not in ARCHS:
+        raise GptforgeError(f"{where}: cannot export to GGUF: the model is {family.title}'s layout, which export-gguf "
+                            f"does not write; it writes {', '.join(ARCHS)} (for LayerNorm with rotary positions, "
+                            "model.norm=rmsnorm gives Arcee or Apertus)")
     if family.model_type == "gpt2" and m.mlp != "gelu":
         raise GptforgeError(f"{where}: cannot export to GGUF: model.mlp={m.mlp} with GPT-2's layout; llama.cpp's "
                             "gpt2 computes model.mlp=gelu only")

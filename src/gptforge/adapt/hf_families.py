@@ -9,6 +9,7 @@ gptforge's switches exactly, read from its modeling code in transformers 5:
     qwen3    rope       RMSNorm    swiglu                       yes      no
     arcee    rope       RMSNorm    relu2 / gelu / gelu_exact    no       yes (attention_bias, mlp_bias)
     apertus  rope       RMSNorm    relu2 / gelu / gelu_exact    yes      no
+    gpt_neox rope       LayerNorm  gelu / gelu_exact / relu2    no       yes (zeros when bias=false)
 
 All of them: pre-norm blocks, attention scaled by 1/sqrt(head size), rotary in the half-split (NeoX/Llama)
 layout with inv_freq = theta^(-2i/hd), QK-norm an RMSNorm over head_dim with one gain shared by the heads,
@@ -16,9 +17,13 @@ applied before the rotation (as gptforge does), norm gains learnable, so no gain
 linear layer and a tied head stays tied. The default recipe (rope, RMSNorm, relu2, QK-norm, no biases) is
 Apertus with hidden_act=relu2.
 
+GPT-NeoX is written with use_parallel_residual=false and the whole head rotated (partial_rotary_factor 1);
+its fused query_key_value holds [q | k | v] per head, where gptforge's c_attn holds all queries, then all
+keys, then all values.
+
 Not exportable: logit soft-capping (the families that cap, Gemma 2/3 and NanoChat, add norms gptforge lacks:
-Gemma's post-norms, NanoChat's norm of the embeddings), LayerNorm with rotary positions, RMSNorm or a gated MLP
-with learned positions, and biases with QK-norm. `choose` names the switch and the nearest family's setting.
+Gemma's post-norms, NanoChat's norm of the embeddings), RMSNorm or a gated MLP with learned positions,
+LayerNorm with a gated MLP or QK-norm, and biases with QK-norm. `choose` names the switch and the nearest family's setting.
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            dict(pos=("rope",), norm=("rmsnorm",), mlp=tuple(_NON_GATED), qk_norm=_YES, bias=_NO,
                 logit_softcap=_ZERO),
            activations=_NON_GATED, norm_names=("attention_layernorm", "feedforward_layernorm"), mlp_bias=False),
+    Family("gpt_neox", "GPTNeoXForCausalLM", "GPT-NeoX",
+           dict(pos=("rope",), norm=("layernorm",), mlp=("gelu", "gelu_exact", "relu2"), qk_norm=_NO, bias=_BOTH,
+                logit_softcap=_ZERO),
+           activations={"gelu": "gelu_new", "gelu_exact": "gelu", "relu2": "relu2"}),
 )}
 
 
@@ -79,17 +88,17 @@ class Unexportable(ValueError):
 
 
 def choose(m: GPTConfig) -> Family:
-    """The family that computes `m` exactly; else Unexportable naming what the nearest family would need."""
+    """The family that computes `m` exactly; else Unexportable naming, for each nearest family (fewest switches
+    to change), the switches and the values it computes."""
     ranked = sorted(FAMILIES.values(), key=lambda f: len(f.mismatches(m)))  # stable: table order breaks ties
     best = ranked[0]
-    wrong = best.mismatches(m)
-    if not wrong:
+    if not best.mismatches(m):
         return best
-    nearest = [f for f in ranked if len(f.mismatches(m)) == len(wrong)]
-    names = " or ".join(f.title for f in nearest)
-    needs = "; ".join(f"model.{k}={_show(v)} (exportable: {' or '.join(f'model.{k}={_show(x)}' for x in ok)})"
-                      for k, v, ok in wrong)
-    raise Unexportable(f"no Hugging Face family computes this model exactly: {needs}; nearest family: {names}")
+    nearest = [f for f in ranked if len(f.mismatches(m)) == len(best.mismatches(m))]
+    needs = " | ".join(f"{f.title} with " + "; ".join(
+        f"model.{k}={_show(v)} (exportable: {' or '.join(f'model.{k}={_show(x)}' for x in ok)})"
+        for k, v, ok in f.mismatches(m)) for f in nearest)
+    raise Unexportable(f"no Hugging Face family computes this model exactly; nearest: {needs}")
 
 
 def _show(v: object) -> str:
@@ -119,6 +128,12 @@ def hf_config(family: Family, m: GPTConfig, eot: int | None) -> dict:
         config["mlp_bias"] = m.bias
     if family.model_type == "qwen3":
         config.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * m.n_layer)
+    if family.model_type == "gpt_neox":
+        for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
+            del config[key]
+        config.update(layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=True,
+                      hidden_dropout=m.dropout, rope_parameters={**config["rope_parameters"],
+                                                                 "partial_rotary_factor": 1.0})
     return config
 
 
@@ -131,7 +146,7 @@ def to_hf(family: Family, state: dict[str, torch.Tensor], m: GPTConfig) -> dict[
     out = {}
     for hf_name, (name, how) in _layout(family, m).items():
         t = state.get(name)
-        if t is None:  # a bias of a bias=False model, for a family whose biases are always there (GPT-2)
+        if t is None:  # a bias of a bias=False model, for a family whose biases are always there (GPT-2, NeoX)
             t = torch.zeros(state[name.rsplit(".", 1)[0] + ".weight"].shape[0])
         out[hf_name] = _cut(t, how, m).detach().float().contiguous().cpu()
     return out
@@ -151,8 +166,20 @@ def from_hf(family: Family, tensors: dict[str, torch.Tensor], m: GPTConfig) -> t
     for name, pieces in parts.items():
         pieces.sort(key=lambda p: _ORDER.get(p[0], 0))
         joined = torch.cat([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
-        state[name] = joined.t() if pieces[0][0] == "conv1d" else joined
+        how = pieces[0][0]
+        state[name] = joined.t() if how == "conv1d" else _heads_qkv(joined, m, back=True) if how == "neox_qkv" \
+            else joined
     return state, missing
+
+
+def _heads_qkv(t: torch.Tensor, m: GPTConfig, back: bool = False) -> torch.Tensor:
+    """gptforge's c_attn rows [all q | all k | all v] (3C, ...) <-> NeoX's [q | k | v] per head; back: NeoX's
+    to gptforge's."""
+    nh, hd = m.n_head, m.head_dim
+    rest = t.shape[1:]
+    if back:
+        return t.reshape(nh, 3, hd, *rest).transpose(0, 1).reshape(t.shape)
+    return t.reshape(3, nh, hd, *rest).transpose(0, 1).reshape(t.shape)
 
 
 _ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
@@ -168,6 +195,8 @@ def _cut(t: torch.Tensor, how: str, m: GPTConfig) -> torch.Tensor:
         return t[:H] if how == "gate" else t[H:]
     if how == "vocab":
         return t[:m.vocab_size]
+    if how == "neox_qkv":
+        return _heads_qkv(t, m)
     return t.t() if how == "conv1d" else t
 
 
@@ -175,6 +204,8 @@ def _layout(family: Family, m: GPTConfig) -> dict[str, tuple[str, str]]:
     """HF tensor name -> (gptforge name, how to cut it), in the family's order; a tied head is listed once."""
     if family.model_type == "gpt2":
         return _gpt2_layout(m)
+    if family.model_type == "gpt_neox":
+        return _neox_layout(m)
     ln1, ln2 = family.norm_names
     names = {"model.embed_tokens.weight": ("transformer.wte.weight", "vocab")}
     kinds = ("weight", "bias") if m.bias else ("weight",)
@@ -195,6 +226,23 @@ def _layout(family: Family, m: GPTConfig) -> dict[str, tuple[str, str]]:
             names[f"{h}.mlp.up_proj.{kind}"] = (f"{g}.mlp.c_fc.{kind}", "up")
             names[f"{h}.mlp.down_proj.{kind}"] = (f"{g}.mlp.c_proj.{kind}", "")
     names["model.norm.weight"] = ("transformer.ln_f.weight", "")
+    if not m.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", "vocab")
+    return names
+
+
+def _neox_layout(m: GPTConfig) -> dict[str, tuple[str, str]]:
+    """GPTNeoXForCausalLM: LayerNorms and linear layers all with biases; q, k, v fused per head."""
+    names = {"gpt_neox.embed_in.weight": ("transformer.wte.weight", "vocab")}
+    layers = (("input_layernorm", "ln_1", ""), ("attention.query_key_value", "attn.c_attn", "neox_qkv"),
+              ("attention.dense", "attn.c_proj", ""), ("post_attention_layernorm", "ln_2", ""),
+              ("mlp.dense_h_to_4h", "mlp.c_fc", ""), ("mlp.dense_4h_to_h", "mlp.c_proj", ""))
+    for i in range(m.n_layer):
+        for hf, ours, how in layers:
+            for kind in ("weight", "bias"):
+                names[f"gpt_neox.layers.{i}.{hf}.{kind}"] = (f"transformer.h.{i}.{ours}.{kind}", how)
+    names["gpt_neox.final_layer_norm.weight"] = ("transformer.ln_f.weight", "")
+    names["gpt_neox.final_layer_norm.bias"] = ("transformer.ln_f.bias", "")
     if not m.tie_embeddings:
         names["lm_head.weight"] = ("lm_head.weight", "vocab")
     return names
@@ -234,7 +282,11 @@ _DEFAULTS = {"gpt2": _GPT2_DEFAULTS, "llama": _LLAMA_DEFAULTS,
              "arcee": dict(_LLAMA_DEFAULTS, vocab_size=32000, hidden_size=2560, intermediate_size=18432,
                            hidden_act="relu2", max_position_embeddings=4096, rms_norm_eps=1e-5),
              "apertus": dict(_LLAMA_DEFAULTS, vocab_size=131072, intermediate_size=14336, hidden_act="xielu",
-                             max_position_embeddings=65536, rms_norm_eps=1e-5, rope_theta=12000000.0)}
+                             max_position_embeddings=65536, rms_norm_eps=1e-5, rope_theta=12000000.0),
+             "gpt_neox": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                              intermediate_size=24576, hidden_act="gelu", max_position_embeddings=2048,
+                              layer_norm_eps=1e-5, tie_word_embeddings=False, use_parallel_residual=True,
+                              rope_parameters=None, rope_theta=10000.0, rotary_pct=0.25, attention_bias=True)}
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -248,7 +300,8 @@ def model_keys(hf: dict) -> dict:
     if kind not in FAMILIES:
         raise Unimportable(f"model_type={kind!r}: gptforge imports {', '.join(repr(k) for k in FAMILIES)}")
     hf = {**_DEFAULTS[kind], **hf}
-    keys = _gpt2_keys(hf) if kind == "gpt2" else _llama_keys(FAMILIES[kind], hf)
+    keys = _gpt2_keys(hf) if kind == "gpt2" else _neox_keys(hf) if kind == "gpt_neox" else \
+        _llama_keys(FAMILIES[kind], hf)
     width, name = (hf["n_inner"] or 4 * hf["n_embd"], "n_inner") if kind == "gpt2" else \
         (hf["intermediate_size"], "intermediate_size")
     built = GPTConfig(**{k: v for k, v in keys.items() if k in GPTConfig.__dataclass_fields__}).mlp_hidden
@@ -297,6 +350,41 @@ def _gpt2_keys(hf: dict) -> dict:
                 n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_ratio=n_inner / hf["n_embd"], pos="learned",
                 norm="layernorm", mlp=mlp, bias=True, tie_embeddings=bool(hf["tie_word_embeddings"]),
                 qk_norm=False, zero_init_proj=False, logit_softcap=0.0)
+
+
+def _neox_keys(hf: dict) -> dict:
+    _positive(hf, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings")
+    rope = hf["rope_parameters"] or {"rope_type": "default", "rope_theta": hf["rope_theta"],
+                                     "partial_rotary_factor": hf["rotary_pct"]}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise Unimportable(f"rope_parameters.partial_rotary_factor={rope.get('partial_rotary_factor')} cannot be "
+                           "imported: gptforge rotates the whole head")
+    if rope.get("rope_type", "default") != "default" or not isinstance(rope.get("rope_theta"), (int, float)):
+        raise Unimportable(f"rope_parameters={json_short(rope)} cannot be imported: gptforge's rotary positions "
+                           "are unscaled (rope_type 'default' with a numeric rope_theta)")
+    if hf["use_parallel_residual"]:
+        raise Unimportable("use_parallel_residual=true cannot be imported: gptforge's blocks add attention, "
+                           "then the MLP")
+    if hf["layer_norm_eps"] != LAYERNORM_EPS:
+        raise Unimportable(f"layer_norm_eps={hf['layer_norm_eps']} cannot be imported: gptforge's LayerNorm uses a "
+                           f"fixed eps of {LAYERNORM_EPS}")
+    if not hf["attention_bias"]:
+        raise Unimportable("attention_bias=false cannot be imported: GPT-NeoX's MLP has biases, and gptforge's "
+                           "model.bias gives attention and MLP biases together")
+    act = hf["hidden_act"]
+    mlp = "gelu" if act in _TANH_GELUS else {"gelu": "gelu_exact", "relu2": "relu2"}.get(act)
+    if mlp is None:
+        raise Unimportable(f"hidden_act={act!r} cannot be imported into a GPT-NeoX model: gptforge computes "
+                           "gelu_new, gelu and relu2")
+    C, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if C % heads:
+        raise Unimportable(f"num_attention_heads={heads} does not divide hidden_size={C}")
+    return dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=C, mlp=mlp,
+                mlp_ratio=hf["intermediate_size"] / C, pos="rope", norm="layernorm",
+                rope_theta=float(rope["rope_theta"]), qk_norm=False, bias=True,
+                tie_embeddings=bool(hf["tie_word_embeddings"]), zero_init_proj=False, logit_softcap=0.0)
 
 
 def _llama_keys(family: Family, hf: dict) -> dict:
