@@ -105,7 +105,8 @@ def main() -> None:
 
     from gptforge.observe.environment import environment
 
-    record = {**environment(torch.device("cpu"), "auto", 1), "command": "flock -x /tmp/cpu.lock python benchmarks/builtin_tasks.py",
+    record = {**environment(torch.device("cpu"), "auto", 1),
+              "command": "flock -x /tmp/cpu.lock python benchmarks/builtin_tasks.py",
               "runs": {k: str(v) for k, v in runs.items()}, "results": results,
               "default_run_leaves_gptforge": leaves_gptforge(main_run, args.root)}
     for name, r in results.items():

@@ -432,8 +432,8 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _import_hf_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder (GPT-2, Llama, Qwen3, Arcee, Apertus or GPT-NeoX): config.json "
-                   "and safetensors weights")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder (GPT-2, Llama, Qwen3, Arcee, Apertus or "
+                   "GPT-NeoX): config.json and safetensors weights")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
     p.set_defaults(func="gptforge.adapt.hf:run_import")
@@ -524,13 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("compare", _compare_parser, "one table of a run and its variants",
             "Size on disk, parameters, val loss and bits per byte on the same split, generation tokens/s and "
             "memory for each run or variant.")
-    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2, Llama, Qwen3, Arcee, Apertus or GPT-NeoX folder",
+    command("import-hf", _import_hf_parser,
+            "import a Hugging Face GPT-2, Llama, Qwen3, Arcee, Apertus or GPT-NeoX folder",
             "Turn a Hugging Face folder of a family gptforge computes exactly (config.json, safetensors weights, "
             "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
     command("export-hf", _export_hf_parser, "export a run as a standard transformers folder",
             "Write a run as the transformers family that computes it exactly (GPT-2, Llama, Qwen3, Arcee, "
-            "Apertus or GPT-NeoX; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. A model no "
-            "family computes is refused before anything is written, naming the switch to change.")
+            "Apertus or GPT-NeoX; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. "
+            "A model no family computes is refused before anything is written, naming the switch to change.")
     command("export-gguf", _export_gguf_parser, "export a run as a GGUF file for llama.cpp",
             "Write a run's weights, hyperparameters and tokenizer as one GGUF file (f32, f16 or q8_0) through "
             "the gguf package, in the llama.cpp architecture of its Hugging Face family.")

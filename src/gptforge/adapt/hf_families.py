@@ -23,7 +23,8 @@ keys, then all values.
 
 Not exportable: logit soft-capping (the families that cap, Gemma 2/3 and NanoChat, add norms gptforge lacks:
 Gemma's post-norms, NanoChat's norm of the embeddings), RMSNorm or a gated MLP with learned positions,
-LayerNorm with a gated MLP or QK-norm, and biases with QK-norm. `choose` names the switch and the nearest family's setting.
+LayerNorm with a gated MLP or QK-norm, and biases with QK-norm. `choose` names the switches and the nearest
+families' settings.
 """
 
 from __future__ import annotations
