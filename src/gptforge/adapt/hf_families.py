@@ -124,7 +124,8 @@ def hf_config(family: Family, m: GPTConfig, eot: int | None) -> dict:
                   num_attention_heads=m.n_head, num_key_value_heads=m.n_head, head_dim=m.head_dim,
                   hidden_act=family.activations[m.mlp], max_position_embeddings=m.block_size,
                   rms_norm_eps=RMS_EPS, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-                  attention_bias=m.bias, attention_dropout=m.dropout)
+                  attention_bias=m.bias, attention_dropout=m.dropout,
+                  rope_theta=m.rope_theta, rope_scaling=None)  # how transformers 4.x reads the same rotation
     if family.mlp_bias:
         config["mlp_bias"] = m.bias
     if family.model_type == "qwen3":
@@ -133,6 +134,7 @@ def hf_config(family: Family, m: GPTConfig, eot: int | None) -> dict:
         for key in ("num_key_value_heads", "head_dim", "rms_norm_eps"):
             del config[key]
         config.update(layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=True,
+                      rotary_pct=1.0, rotary_emb_base=m.rope_theta,  # transformers 4.x's names
                       hidden_dropout=m.dropout, rope_parameters={**config["rope_parameters"],
                                                                  "partial_rotary_factor": 1.0})
     return config
