@@ -255,7 +255,7 @@ def test_a_trained_default_run_generates_what_gptforge_sample_does(transformers,
     from gptforge.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", f"data.dir={small_data}", f"run.dir={run}", "model.preset=tiny", "train.max_steps=30",
+    assert main(["train", f"data.dir={small_data}", f"run.dir={run}", "model.preset=tiny", "train.max_steps=10",
                  "train.max_time=null", "train.batch_size=8", "eval.tokens=2048", "train.samples=0",
                  "run.tensorboard=false"]) == 0
     assert main(["export-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
