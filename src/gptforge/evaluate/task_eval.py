@@ -11,13 +11,16 @@ from gptforge.evaluate.builtin_tasks import builtin_tasks, held_out_documents
 from gptforge.evaluate.tasks import Task, core_score, read_jsonl_task, score_task
 
 
-def load_tasks(specs: Sequence[str], data_for_builtin: Callable[[], object], limit: int | None) -> list[Task]:
-    """`builtin` (the three built-in tasks from the held-out text of `data_for_builtin()`) and JSONL files."""
+def load_tasks(specs: Sequence[str], data_for_builtin: Callable[[], object], limit: int | None,
+               tokenizer=None) -> list[Task]:
+    """`builtin` (the three built-in tasks from the held-out text of `data_for_builtin()`, kept to items that
+    `tokenizer`, the scoring model's, splits cleanly; default: the data's) and JSONL files."""
     tasks: list[Task] = []
     for spec in specs:
         if spec == "builtin":
             data = data_for_builtin()
-            tasks += builtin_tasks(held_out_documents(data), data.tokenizer, **({"limit": limit} if limit else {}))
+            tasks += builtin_tasks(held_out_documents(data), tokenizer or data.tokenizer,
+                                   **({"limit": limit} if limit else {}))
         else:
             task = read_jsonl_task(spec)
             tasks.append(Task(task.name, task.items[:limit] if limit else task.items, task.source))
@@ -41,12 +44,12 @@ def run_eval_tasks(args) -> int:
     from gptforge.runtime import pick_device, resolve_precision
     from gptforge.train.builder import resolve_data
 
-    device = pick_device(args.device)
-    loaded = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
     if args.limit is not None and args.limit < 1:
         raise DataError(f"--limit must be a positive number of items per task, got {args.limit}")
+    device = pick_device(args.device)
+    loaded = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
     tasks = load_tasks(args.tasks, lambda: load_data_dir(args.data) if args.data else resolve_data(loaded.config),
-                       args.limit)
+                       args.limit, loaded.tokenizer)
     precision = resolve_precision(args.precision, device)
     result = evaluate_tasks(loaded, tasks, device, precision.autocast, args.batch_size or 32)
     if args.json:
