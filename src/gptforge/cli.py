@@ -22,6 +22,7 @@ Train, adapt, compress, check and serve GPT models.
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
   gptforge chat RUN_DIR [--prompt TEXT]        talk to a chat-tuned run (prepare --format chat, then train)
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
+  gptforge eval RUN_DIR --tasks builtin|FILE   multiple-choice accuracy (95% intervals), CORE aggregate
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge runs [DIR] [--json]                 the runs under a folder: state, step, losses, size
@@ -31,8 +32,9 @@ Train, adapt, compress, check and serve GPT models.
   gptforge quantize RUN_DIR --method M --out DIR          weight-only int8 / int4
   gptforge prune RUN_DIR --pattern 2:4 --out DIR          magnitude pruning, optional recovery
   gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
-  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2 folder (safetensors) as a run
+  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2/Llama/Qwen3 folder (safetensors) as a run
   gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
+  gptforge export-gguf RUN_DIR --out F.gguf    a run as a GGUF file for llama.cpp (f32, f16, q8_0)
 
 Run `gptforge SUBCOMMAND --help` for every option.
 """
@@ -88,6 +90,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        if args.bias:
+            raise GptforgeError("--tasks and --bias are separate evaluations; give one of them")
+        from gptforge.evaluate.task_eval import run_eval_tasks
+
+        return run_eval_tasks(args)
     if args.bias:
         from gptforge.evaluate.bias import run_bias
 
@@ -337,6 +345,13 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
                    'JSONL lines {"attribute", "groups", "template"}; each template has one {group} slot '
                    "(default: the shipped set)")
     p.add_argument("--n-boot", type=int, default=1000, help="--bias bootstrap resamples (default: 1000)")
+    p.add_argument("--tasks", nargs="+", metavar="builtin|FILE",
+                   help="multiple-choice accuracy instead of the validation loss: builtin (next_line, docstring, "
+                   "closing, made from the data's held-out val text) and/or JSONL files of "
+                   '{"context", "choices", "label"} lines; prints acc, acc_norm with 95%% intervals and a CORE '
+                   "aggregate")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many items a task "
+                   "(default: 500 for builtin, every line of a file)")
     p.set_defaults(func=_eval)
 
 
@@ -417,10 +432,20 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _import_hf_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face GPT-2 folder: config.json and safetensors weights")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder (GPT-2, Llama, Qwen3, Arcee, Apertus or "
+                   "GPT-NeoX): config.json and safetensors weights")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
     p.set_defaults(func="gptforge.adapt.hf:run_import")
+
+
+def _export_gguf_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write (for llama.cpp)")
+    p.add_argument("--dtype", default="f16", choices=("f32", "f16", "q8_0"),
+                   help="weight type of the matrices (norms stay f32; default: f16)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func="gptforge.adapt.gguf_export:run_export_gguf")
 
 
 def _export_hf_parser(p: argparse.ArgumentParser) -> None:
@@ -499,11 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("compare", _compare_parser, "one table of a run and its variants",
             "Size on disk, parameters, val loss and bits per byte on the same split, generation tokens/s and "
             "memory for each run or variant.")
-    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2-family folder",
-            "Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, tokenizer files) into a "
-            "gptforge run. Pickle-only folders are refused.")
-    command("export-hf", _export_hf_parser, "export a run as a Hugging Face GPT-2 folder",
-            "Write a run (GPT-2 architecture) as a folder that transformers loads; LoRA adapters are merged first.")
+    command("import-hf", _import_hf_parser,
+            "import a Hugging Face GPT-2, Llama, Qwen3, Arcee, Apertus or GPT-NeoX folder",
+            "Turn a Hugging Face folder of a family gptforge computes exactly (config.json, safetensors weights, "
+            "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
+    command("export-hf", _export_hf_parser, "export a run as a standard transformers folder",
+            "Write a run as the transformers family that computes it exactly (GPT-2, Llama, Qwen3, Arcee, "
+            "Apertus or GPT-NeoX; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. "
+            "A model no family computes is refused before anything is written, naming the switch to change.")
+    command("export-gguf", _export_gguf_parser, "export a run as a GGUF file for llama.cpp",
+            "Write a run's weights, hyperparameters and tokenizer as one GGUF file (f32, f16 or q8_0) through "
+            "the gguf package, in the llama.cpp architecture of its Hugging Face family.")
     return parser
 
 
