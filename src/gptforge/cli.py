@@ -35,6 +35,8 @@ Train, adapt, compress, check and serve GPT models.
   gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2/Llama/Qwen3 folder (safetensors) as a run
   gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
   gptforge export-gguf RUN_DIR --out F.gguf    a run as a GGUF file for llama.cpp (f32, f16, q8_0)
+  gptforge serve RUN_DIR --keys FILE           an OpenAI-compatible server with batched generation
+  gptforge keys add|list|revoke --file FILE    API keys for serve (stored as salted hashes)
 
 Run `gptforge SUBCOMMAND --help` for every option.
 """
@@ -461,6 +463,31 @@ def _runs_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func="gptforge.observe.runlist:run_runs")
 
 
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    from gptforge.serve.main import add_arguments
+
+    add_arguments(p)
+    _safety_arguments(p)
+    p.set_defaults(func="gptforge.serve.main:run_serve")
+
+
+def _keys_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("add", "list", "revoke"), help="add a key (printed once), list them, revoke one")
+    p.add_argument("name", nargs="?", help="the key's name (add, revoke): it appears in the audit log, never the key")
+    p.add_argument("--file", required=True, metavar="FILE", help="the key file (JSON, mode 0600; created by add)")
+    p.add_argument("--rpm", type=int, help="add: this key's requests per minute (default: the server's --rpm)")
+    p.add_argument("--tpm", type=int, help="add: this key's generated tokens per minute (default: the server's --tpm)")
+    p.set_defaults(func=_keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from gptforge.serve.keys import run_keys
+
+    if args.action != "list" and not args.name:
+        raise GptforgeError(f"keys {args.action} needs a NAME: gptforge keys {args.action} NAME --file {args.file}")
+    return run_keys(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gptforge.config import keys_help
     from gptforge.tune import TUNE_HELP
@@ -535,6 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
     command("export-gguf", _export_gguf_parser, "export a run as a GGUF file for llama.cpp",
             "Write a run's weights, hyperparameters and tokenizer as one GGUF file (f32, f16 or q8_0) through "
             "the gguf package, in the llama.cpp architecture of its Hugging Face family.")
+    command("serve", _serve_parser, "an OpenAI-compatible HTTP server with batched generation",
+            "Serve a run over HTTP: /v1/models, /v1/completions, /v1/chat/completions (streaming with "
+            "\"stream\": true), /healthz, /metrics (Prometheus) and a chat page at /. Concurrent requests decode "
+            "together. API keys are required (gptforge keys), HTTPS with --tls-cert/--tls-key. SIGHUP (or --watch) "
+            "swaps in the run's newest intact checkpoint while requests in flight finish on the old weights; "
+            "SIGTERM drains, then exits. Needs pip install \"gptforge[serve]\".")
+    command("keys", _keys_parser, "API keys for gptforge serve: add, list, revoke",
+            "Manage the key file of gptforge serve. `add NAME` prints a new key once and stores only a salted hash; "
+            "`revoke NAME` takes effect on a running server at its next request.")
     return parser
 
 
