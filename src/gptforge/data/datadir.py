@@ -33,6 +33,10 @@ class DataDir:
     vocab_size: int
     manifest: dict | None
 
+    def model_fields(self) -> dict[str, int]:
+        """The model section's fields the data decides: the vocabulary (data/images.py has its own)."""
+        return {"vocab_size": self.vocab_size}
+
 
 def load_data_dir(data_dir: str | Path, *, verify_sha256: bool = True) -> DataDir:
     """Open a folder of shards written by `prepare`, llm.c or modded-nanogpt, checking it first.

@@ -88,7 +88,8 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     window = deque(prompt_ids[-block_size:], maxlen=block_size)  # the context the next token conditions on
-    cache = KVCache(1, model.config) if use_cache else None
+    new_cache = getattr(model, "new_cache", None)  # a recurrent model's cache is its hidden state (model/rnn.py)
+    cache = (new_cache(1) if new_cache else KVCache(1, model.config)) if use_cache else None
 
     unseen = list(window)  # tokens the cache has not seen yet
     for _ in range(max_new_tokens):

@@ -295,7 +295,10 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
         self.positions = POSITIONS[config.pos]
         self.positions.build(self)  # right after wte: GPT-2's parameter order, wte then wpe
-        self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # model.share_layers=K: K distinct blocks, layer i runs block i mod K; the list holds each block at every
+        # layer it serves, so parameters() counts it once and its gradient sums over those layers.
+        blocks = [Block(config, i) for i in range(config.share_layers or config.n_layer)]
+        self.transformer.h = nn.ModuleList(blocks[i % len(blocks)] for i in range(config.n_layer))
         self.transformer.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -346,7 +349,9 @@ class GPT(nn.Module):
                              f"max_len={cache.max_len} holding {past} positions")
 
         x, rope = self.positions.encode(self, self.transformer.wte(idx), past)  # (B, T, C); rotary tables or None
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None and self.config.share_layers:
+                block.attn.layer_idx = i  # a shared block serves several layers: each has its own cache slot
             x = block(x, rope, cache)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
