@@ -145,6 +145,18 @@ def check_arrays(data: ImageData, where: str) -> None:
         raise DataError(f"{where}: val images are {data.val_images.shape[1:]}, train {data.train_images.shape[1:]}")
 
 
+def class_names(checkpoint: str | Path, num_classes: int) -> list[str]:
+    """The class names a run was trained on (classes.json in its checkpoint), else the class indices."""
+    file = Path(checkpoint) / "classes.json"
+    try:
+        names = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        names = None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return [str(i) for i in range(num_classes)]
+
+
 def builtin_digits(seed: int = 0) -> ImageData:
     """scikit-learn's handwritten digits (1,797 images, 8x8, 17 grey levels), on disk with scikit-learn; 20%
     of each class held out by a fixed permutation, so every run sees the same split."""

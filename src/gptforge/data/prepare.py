@@ -425,6 +425,10 @@ def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: b
 
 def run_prepare(args: argparse.Namespace) -> int:
     """`gptforge prepare`: prepare, then print the summary; errors become one line and exit code 2."""
+    if getattr(args, "images", None):  # labelled images for model.arch=cnn, not text
+        from gptforge.data.images import run_prepare_images
+
+        return run_prepare_images(args)
     try:
         manifest = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,

@@ -363,6 +363,8 @@ class Run:
         s.guard, s.early_stop = self.guard.state_dict(), self.early.state_dict()
         s.fit_watch = self.watch.state_dict() if self.watch is not None else None
         files = {"tokenizer.json": self.run_dir / "tokenizer.json"} if t.data.tokenizer is not None else {}
+        if getattr(t.data, "classes", None):  # an image run's class names, for predict
+            files["classes.json"] = self.run_dir / "classes.json"
         if world.is_main:
             checkpoint.save_checkpoint(self.run_dir, s.step, model=weights, optimizer=optim, state=s.to_dict(),
                                        files=files, keep=cfg.train.keep_checkpoints, staged=staged,
@@ -379,6 +381,8 @@ class Run:
             save_config(self.cfg, self.run_dir / "config.yaml")
             if t.data.tokenizer is not None:
                 t.data.tokenizer.save(self.run_dir / "tokenizer.json")
+            if getattr(t.data, "classes", None):
+                atomic_write_text(self.run_dir / "classes.json", json.dumps(list(t.data.classes)))
             env = environment(t.device, t.precision.name, self.world.world_size)
             atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=1))
         self.world.barrier()
