@@ -213,9 +213,18 @@ def read_cifar10(folder: str | Path) -> ImageData:
 # gptforge prepare --images
 
 
+def _pil():
+    try:
+        import PIL.Image
+    except ImportError:
+        raise DataError("reading image files needs Pillow: pip install 'gptforge[images]'") from None
+    return PIL.Image
+
+
 def _open_image(file: Path, size: int, channels: int):
     """The image resized to (size, size, channels) uint8, or the reason it is skipped."""
-    from PIL import Image, UnidentifiedImageError
+    Image = _pil()
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     if not file.is_file():
         return "not a regular file"
@@ -269,7 +278,7 @@ def _from_npz(src: Path, size: int, channels: int, val_fraction: float):
     if "images" not in arrays or "labels" not in arrays:
         raise DataError(f"{src}: holds {', '.join(arrays) or 'nothing'}; expected arrays named images "
                         "(N, H, W) or (N, H, W, C) uint8 and labels (N,), optionally val_images and val_labels")
-    from PIL import Image
+    Image = _pil()
 
     def convert(images: np.ndarray) -> list[np.ndarray]:
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
