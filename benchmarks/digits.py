@@ -4,7 +4,7 @@ Target: >= 98% accuracy on the held-out 20% of scikit-learn's handwritten digits
 on) within 60 s of training. Runs `gptforge train` as a new user would, with the recipe below, and reads
 the accuracy of the final evaluation from metrics.jsonl. Writes benchmarks/results/digits_<device>.json.
 
-    python benchmarks/digits.py [--max-time 60] [key=value ...]
+    python benchmarks/digits.py [--max-time 30] [key=value ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ RECIPE = ["model.arch=cnn", "model.cnn_width=32", "model.cnn_stages=2", "model.c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-time", type=float, default=60.0, help="seconds of training (train.max_time)")
+    parser.add_argument("--max-time", type=float, default=30.0, help="seconds of training (train.max_time)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one run per seed")
     parser.add_argument("overrides", nargs="*", help="config keys changing the recipe")
     parser.add_argument("--out", default=None)
