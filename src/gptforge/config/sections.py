@@ -188,7 +188,8 @@ class ModelConfig(FamilyConfig, GPTConfig):
     """The depth dial: N layers sets width, heads, learning rates and a compute-optimal token budget at once;
     any explicit key still wins."""
     arch: str = choice("gpt", lambda: tuple(ARCHITECTURES))
-    """Model architecture, by name (gptforge.model.ARCHITECTURES)."""
+    """Model architecture, by name (gptforge.model.ARCHITECTURES): gpt, lstm or gru (recurrent language models)
+    on the same token shards, cnn (a ResNet on labelled images); see docs/families.md."""
 
     def check(self) -> None:
         try:  # the model's own rules (shapes it can be built with), kept with the model

@@ -15,19 +15,27 @@ per-device batches). forward(x, targets) is the loss (label smoothing in trainin
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import IMAGE_NORMS, GPTConfig
+
+
+# model.norm of a cnn: channels -> the norm. GroupNorm takes 8 groups where the width allows (Wu & He 2018
+# use 32 on wider networks). The names are model/config.py's IMAGE_NORMS (checked below).
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batchnorm": nn.BatchNorm2d,
+    "groupnorm": lambda channels: nn.GroupNorm(math.gcd(channels, 8), channels),
+}
+if tuple(NORMS) != IMAGE_NORMS:
+    raise ImportError(f"cnn.py implements {', '.join(NORMS)}; model/config.py names {', '.join(IMAGE_NORMS)}")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batchnorm":
-        return nn.BatchNorm2d(channels)
-    groups = math.gcd(channels, 8)  # 8 groups where the width allows (Wu & He 2018 use 32 on wider nets)
-    return nn.GroupNorm(groups, channels)
+    return NORMS[kind](channels)
 
 
 class ResidualBlock(nn.Module):
