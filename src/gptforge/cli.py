@@ -106,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     from gptforge.model import IMAGE_ARCHITECTURES
 
     if run.config.model.arch in IMAGE_ARCHITECTURES:
-        from gptforge.evaluate.classify import run_eval_images
+        from gptforge.evaluate.image_commands import run_eval_images
 
         return run_eval_images(args, run, device)
     data = load_data_dir(args.data) if args.data else resolve_data(run.config)
@@ -339,7 +339,7 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=5, help="classes to print per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.set_defaults(func="gptforge.evaluate.classify:run_predict")
+    p.set_defaults(func="gptforge.evaluate.image_commands:run_predict")
 
 
 def _report_parser(p: argparse.ArgumentParser) -> None:
