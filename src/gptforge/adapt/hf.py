@@ -244,7 +244,7 @@ def export_hf(run: str | Path, out: str | Path, *, force: bool = False) -> Path:
 
     out = Path(out)
     _check_out(out, force)
-    loaded = load_run(run)
+    loaded = load_run(run, gpt_only="gptforge export-hf")
     m = loaded.config.model
     _check_exportable(loaded.config, loaded.checkpoint)
     state = loaded.model.state_dict()
