@@ -393,9 +393,11 @@ class Run:
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = Peak(t.device, t.precision.name)
         accum = cfg.grad_accum_steps(world.world_size)
+        unit = "images" if cfg.model.block_size == 1 and cfg.model.arch != "gpt" else "tokens"  # a cnn counts images
         self.say(
-            f"gptforge {__version__} | {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
-            f"non-embedding) | {t.device.type} {t.precision.name} | {cfg.tokens_per_step(world.world_size)} tokens/step "
+            f"gptforge {__version__} | {cfg.model.arch} | {counts['total'] / 1e6:.2f}M parameters "
+            f"({counts['non_embedding'] / 1e6:.2f}M non-embedding) | {t.device.type} {t.precision.name} | "
+            f"{cfg.tokens_per_step(world.world_size)} {unit}/step "
             f"({cfg.train.batch_size} x {cfg.model.block_size} x {accum} accum x {world.world_size} proc"
             f"{', ' + cfg.dist.strategy if world.distributed else ''}) | data {t.data.path}"
         )
