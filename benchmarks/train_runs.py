@@ -4,6 +4,7 @@ what its metrics.jsonl and checkpoint say."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from gptforge.train import checkpoint
 def train_run(keys: list[str]) -> dict:
     """Train with `keys` (a budget among them); the evaluations (time_s, val_loss, ...), the median
     throughput, the parameter count from the banner's model and the final checkpoint's weight file size."""
+    load_before = os.getloadavg()[0]  # a busy machine shows here: the lock keeps out only those who take it
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         proc = subprocess.run([sys.executable, "-m", "gptforge", "train", f"run.dir={run}", "train.samples=0",
@@ -41,4 +43,5 @@ def train_run(keys: list[str]) -> dict:
         "tokens": steps[-1]["tokens"],
         "tokens_per_sec_median": sorted(r["tokens_per_sec"] for r in steps)[len(steps) // 2],
         "weights_bytes": weights_bytes,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
     }

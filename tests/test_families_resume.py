@@ -29,11 +29,11 @@ def lstm_args(data, run_dir, steps):
 
 
 def kill_and_finish(make_args, tmp_path, steps, inside):
-    """Killed at `inside` (KILL_AT's what and n), then from outside once step 13 is logged, then finished."""
+    """Killed at `inside` (KILL_AT's what and n), then from outside once step 10 is logged, then finished."""
     code, out = child(make_args(tmp_path / "ref", steps))
     assert code == 0, out
     run = tmp_path / "killed"
-    for what, n, when in [(*inside, None), (None, None, 13)]:
+    for what, n, when in [(*inside, None), (None, None, 10)]:
         code, out = child(make_args(run, steps), kill_at=f"{what}:{n}" if what else None, kill_when_step=when)
         if what is not None:
             assert code == -signal.SIGKILL, out
@@ -44,13 +44,13 @@ def kill_and_finish(make_args, tmp_path, steps, inside):
 
 
 def test_cnn_with_batchnorm_resumes_bitwise_after_sigkill(tmp_path):
-    run = kill_and_finish(cnn_args, tmp_path, 20, inside=("mid_step", 5))
+    run = kill_and_finish(cnn_args, tmp_path, 15, inside=("mid_step", 5))
     weights = load_file(str(checkpoint.list_checkpoints(run / "checkpoints")[0] / "model.safetensors"))
-    assert weights["stem.1.num_batches_tracked"].item() == 40  # 20 steps x 2 micro-steps: every one counted once
+    assert weights["stem.1.num_batches_tracked"].item() == 30  # 15 steps x 2 micro-steps: every one counted once
 
 
 def test_lstm_with_carried_state_resumes_bitwise_after_sigkill(small_data, tmp_path):
-    run = kill_and_finish(lambda r, s: lstm_args(small_data, r, s), tmp_path, 20, inside=("before_rename", 2))
+    run = kill_and_finish(lambda r, s: lstm_args(small_data, r, s), tmp_path, 15, inside=("before_rename", 2))
     carry = load_file(str(checkpoint.list_checkpoints(run / "checkpoints")[0] / "carry.safetensors"))
     assert sorted(carry) == ["block0.0", "block0.1", "block1.0", "block1.1"]  # (h, c) of 2 row blocks
     assert carry["block0.0"].shape == (2, 2, 64) and carry["block0.0"].abs().sum() > 0

@@ -132,3 +132,16 @@ def test_family_keys_are_checked_before_any_work(keys, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["train.max_steps=1", *keys])
+
+
+def test_a_classifier_skips_non_finite_steps_but_not_its_heavy_tailed_batches():
+    from gptforge.train.guard import Guard
+
+    cfg = load_config(None, ["model.arch=cnn", "train.max_steps=1", "guard.window=16", "guard.min_history=8"])
+    assert not cfg.guard.spikes and load_config(None, ["train.max_steps=1"]).guard.spikes  # a GPT keeps the rule
+    for spikes, expected in ((True, "loss_spike"), (False, None)):
+        guard = Guard(dataclasses.replace(cfg.guard, spikes=spikes))
+        for i in range(16):
+            guard.check(0.001 + 1e-5 * (i % 3), 0.1)
+        assert guard.check(0.08, 0.1) == expected  # one hard image in a batch that otherwise fits
+        assert guard.check(float("nan"), 0.1) == "nonfinite"

@@ -169,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # counts images as tokens (block_size 1) and trains with AdamW: Muon's matrices are 2-D, convolutions 4-D.
 ARCH_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "cnn": {"model": dict(norm="batchnorm", block_size=1), "optim": dict(name="adamw", weight_decay=5e-4),
-            "train": dict(batch_size=64), "eval": dict(tokens=10000)},
+            "train": dict(batch_size=64), "eval": dict(tokens=10000), "guard": dict(spikes=False)},
     "lstm": {"optim": dict(name="adamw")},
     "gru": {"optim": dict(name="adamw")},
 }
@@ -477,6 +477,9 @@ class GuardConfig:
 
     enabled: bool = True
     """Skip updates whose loss or gradient norm is not finite or spikes (see below); roll back after too many."""
+    spikes: bool = True
+    """Skip spikes too, not only non-finite steps. Off by default for model.arch=cnn: a classifier's loss per
+    batch is heavy-tailed near zero once it fits, and a batch holding one hard image is no fault."""
     window: int = 128
     """Recent accepted steps the spike rule looks at."""
     spike_sigmas: float = 6.0
