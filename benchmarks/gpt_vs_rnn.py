@@ -52,11 +52,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="training seconds per model")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--batch", type=int, default=8, help="sequences per step in the length sweep")
+    parser.add_argument("--lstm-lr", type=float, default=None, help="the LSTM's optim.lr (default: the config's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     gpt_params = num_params(load_config(None, [*GPT, "model.vocab_size=8192", "train.max_steps=1"]).model)["total"]
-    models = {"gpt": GPT, "lstm": lstm_keys(gpt_params)}
+    lr = [f"optim.lr={args.lstm_lr}"] if args.lstm_lr else []
+    models = {"gpt": GPT, "lstm": lstm_keys(gpt_params) + lr}
     result = {"seconds": args.seconds, "models": {}}
     for name, keys in models.items():
         run = train_run([*keys, f"train.max_time={args.seconds}", *EVAL])
