@@ -56,12 +56,17 @@ def test_prepare_images_command(tmp_path, capsys):
     assert "expected a folder with one subfolder of images per class" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["inspect", "--prompt", "x"], ["quantize", "--method", "int8", "--out", "q"]])
-def test_gpt_only_commands_say_so_for_a_cnn(tmp_path, capsys, command):
-    run = tmp_path / "cnn"
+@pytest.fixture(scope="module")
+def one_step_cnn(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cnn") / "run"
     assert main(["train", "model.arch=cnn", f"run.dir={run}", "model.cnn_width=8", "model.cnn_stages=1",
                  "train.max_steps=1", "eval.every=0", "speed.precision=fp32"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("command", [["inspect", "--prompt", "x"], ["quantize", "--method", "int8", "--out", "q"]])
+def test_gpt_only_commands_say_so_for_a_cnn(one_step_cnn, tmp_path, capsys, command):
     capsys.readouterr()
-    argv = [command[0], str(run), *[str(tmp_path / a) if a == "q" else a for a in command[1:]]]
+    argv = [command[0], str(one_step_cnn), *[str(tmp_path / a) if a == "q" else a for a in command[1:]]]
     assert main(argv) == 2
     assert "model.arch=cnn" in capsys.readouterr().err
