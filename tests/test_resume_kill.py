@@ -44,9 +44,9 @@ elif what == "mid_step":         # after backward, before the optimizer update (
     from gptforge.train.muon import Muon
     torch.optim.AdamW.step = killer(torch.optim.AdamW.step)
     Muon.step = killer(Muon.step)
-elif what == "in_eval":
-    import gptforge.train.loop as loop
-    loop.evaluate = killer(loop.evaluate)
+elif what == "in_eval":           # the language task's evaluation (train/task.py)
+    import gptforge.train.task as task
+    task.evaluate = killer(task.evaluate)
 sys.exit(main(sys.argv[1:]))
 """
 

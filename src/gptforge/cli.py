@@ -16,13 +16,15 @@ Train, adapt, compress, check and serve GPT models.
 
   gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards (--format chat:
                                                conversations with a loss mask)
+  gptforge prepare --images SRC --out DATA_DIR labelled images (a folder per class, or .npz) for model.arch=cnn
   gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
   gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested optim.lr
   gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
   gptforge chat RUN_DIR [--prompt TEXT]        talk to a chat-tuned run (prepare --format chat, then train)
-  gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
+  gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity (accuracy); bias gaps
   gptforge eval RUN_DIR --tasks builtin|FILE   multiple-choice accuracy (95% intervals), CORE aggregate
+  gptforge predict RUN_DIR IMAGE...            the most probable classes of images (model.arch=cnn)
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge runs [DIR] [--json]                 the runs under a folder: state, step, losses, size
@@ -113,6 +115,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    from gptforge.model import IMAGE_ARCHITECTURES
+
+    if run.config.model.arch in IMAGE_ARCHITECTURES:
+        from gptforge.evaluate.image_commands import run_eval_images
+
+        return run_eval_images(args, run, device)
     data = load_data_dir(args.data) if args.data else resolve_data(run.config)
     if run.tokenizer is not None and data.tokenizer is not None and run.tokenizer.sha256 != data.tokenizer.sha256:
         raise GptforgeError(f"{data.path} was tokenized with a different tokenizer than the run in {args.run_dir}")
@@ -225,6 +233,17 @@ def _safety_arguments(p: argparse.ArgumentParser) -> None:
                    "(layout: gptforge/evaluate/safety_lists.yaml)")
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    """prepare's three kinds of data, each in its own module: text, conversations (--format chat), images."""
+    if args.format == "chat":
+        from gptforge.data.prepare_chat import run_prepare_chat as run
+    elif getattr(args, "images", None):  # labelled images for model.arch=cnn, not text
+        from gptforge.data.images import run_prepare_images as run
+    else:
+        from gptforge.data.prepare import run_prepare as run
+    return run(args)
+
+
 def _prepare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything "
@@ -266,7 +285,13 @@ def _prepare_parser(p: argparse.ArgumentParser) -> None:
                    "learns from")
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress (bar or lines); print one line at the end")
-    p.set_defaults(func="gptforge.data.prepare:run_prepare")
+    p.add_argument("--images", metavar="SRC",
+                   help="prepare labelled images instead of text: SRC is a folder with one subfolder of images "
+                   "per class (anything Pillow opens), or an .npz with images and labels arrays; bad images are "
+                   "skipped and counted by reason (the val split: --val-fraction, default 10%%)")
+    p.add_argument("--image-size", type=int, default=32, help="--images: side in pixels every image is resized to")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="--images: 3 (RGB) or 1 (grey)")
+    p.set_defaults(func=_prepare)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -366,6 +391,15 @@ def _inspect_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="tokens per position in the logit lens (default: 5)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func="gptforge.evaluate.interpret:run_inspect")
+
+
+def _predict_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...: whatever Pillow opens)")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func="gptforge.evaluate.image_commands:run_predict")
 
 
 def _report_parser(p: argparse.ArgumentParser) -> None:
@@ -525,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
             "answer, not the session. With --prompt, answers once and exits.")
     command("eval", _eval_parser, "validation loss, bits per byte, perplexity",
             "Evaluate a run on a validation split: its own data, or --data DIR.")
+    command("predict", _predict_parser, "the most probable classes of images, from an image model",
+            "Classify image files with a trained model.arch=cnn run: the top classes of each, with probabilities. "
+            "Each image is resized to the model's size as gptforge prepare --images does.")
     command("inspect", _inspect_parser, "attention maps, logit lens and token attributions for a prompt",
             "Look inside a trained model on one prompt: attention maps per layer and head (PNG), the logit lens "
             "(top tokens after each layer) and token attributions (gradient x input).")

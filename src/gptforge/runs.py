@@ -29,14 +29,19 @@ class LoadedRun:
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu",
-             report: Callable[[str], None] = print) -> LoadedRun:
+             report: Callable[[str], None] = print, gpt_only: str | None = None) -> LoadedRun:
     """The newest intact checkpoint of a run directory, or a checkpoint folder, ready for use: quantized
     layers rebuilt, LoRA adapters merged, sharded weights gathered. Every checkpoint is verified first
     (files, schema, shapes, values); one of a run that passes and still will not load is skipped like a
-    damaged one. `report` hears of the checkpoints skipped on the way."""
+    damaged one. `report` hears of the checkpoints skipped on the way. `gpt_only`: the command that works on a
+    GPT's layers only, named in the error for a run of another model.arch."""
     for ckpt in checkpoint.candidates(path, report=report):
         try:
-            return _load(ckpt, device)
+            loaded = _load(ckpt, device)
+            if gpt_only and loaded.config.model.arch != "gpt":
+                raise GptforgeError(f"{gpt_only} works on a GPT's layers; {path} is a model.arch="
+                                    f"{loaded.config.model.arch} run")
+            return loaded
         except CheckpointError as e:
             if checkpoint.is_checkpoint_folder(path):
                 raise

@@ -117,5 +117,7 @@ def test_model_arch_picks_from_the_registry(monkeypatch):
     from gptforge import model
 
     assert type(model.build_model(load_config(None, ["model.preset=tiny"]).model)).__name__ == "GPT"
-    with pytest.raises(Exception, match="model.arch: 'lstm' is not one of: gpt"):
-        load_config(None, ["model.arch=lstm"])
+    assert type(model.build_model(load_config(None, ["model.arch=lstm"]).model)).__name__ == "RecurrentLM"
+    assert type(model.build_model(load_config(None, ["model.arch=cnn"]).model)).__name__ == "ResNet"
+    with pytest.raises(Exception, match="model.arch: 'rnn' is not one of: gpt, lstm, gru, cnn"):
+        load_config(None, ["model.arch=rnn"])

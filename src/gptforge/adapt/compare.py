@@ -52,7 +52,7 @@ def compare(paths: list[str | Path], data: str | Path | None = None, tokens: int
     bar = Progress("compare", len(paths), "runs")
     for path, ckpt in zip(paths, checkpoints):
         _reset_memory(device)
-        run = load_run(ckpt, device, report=report)
+        run = load_run(ckpt, device, report=report, gpt_only="gptforge compare")
         if dataset is None:
             dataset = load_data_dir(data) if data else resolve_data(run.config)
             eval_tokens = eval_tokens or run.config.eval.tokens

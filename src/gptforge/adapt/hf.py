@@ -196,7 +196,7 @@ def export_hf(run: str | Path, out: str | Path, *, force: bool = False,
 
     out = Path(out)
     _check_out(out, force)
-    loaded = load_run(run, report=report)
+    loaded = load_run(run, report=report, gpt_only="gptforge export-hf")
     family = exportable_family(loaded, report)
     m = loaded.config.model
     tensors = to_hf(family, plain_state(loaded, report), m)

@@ -111,7 +111,7 @@ def prune_run(run: str | Path, out: str | Path, sparsity: float, pattern: str, r
     check_pruning(sparsity, pattern)
     if recover_steps < 0:
         raise GptforgeError(f"--recover-steps must be >= 0, got {recover_steps}")
-    loaded = load_run(run, "cpu", report=report)
+    loaded = load_run(run, "cpu", report=report, gpt_only="gptforge prune")
     if "quantization" in loaded.state:
         raise GptforgeError(f"{loaded.checkpoint} is quantized; prune the full-precision run, then quantize")
     check_output(out, run, force)

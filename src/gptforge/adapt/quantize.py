@@ -23,7 +23,7 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
                  report: Callable[[str], None] = print) -> Path:
     """Quantize the newest checkpoint of `run` into a weights-only run at `out`; returns `out`."""
     run, out = Path(run), Path(out)
-    loaded = load_run(run, "cpu", report=report)
+    loaded = load_run(run, "cpu", report=report, gpt_only="gptforge quantize")
     if "quantization" in loaded.state:
         raise GptforgeError(f"{loaded.checkpoint} is already quantized ({loaded.state['quantization']['method']}); "
                             "quantize the full-precision run instead")

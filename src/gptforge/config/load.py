@@ -20,7 +20,7 @@ from typing import Any, Union
 import yaml
 
 from gptforge.config.rules import validate
-from gptforge.config.sections import (PRESETS, Config, DataConfig, TrainConfig, choice_message, choices_of,
+from gptforge.config.sections import (ARCH_DEFAULTS, PRESETS, Config, DataConfig, TrainConfig, choice_message, choices_of,
                                       problem_key)
 from gptforge.errors import ConfigError
 from gptforge.model.config import GPTConfig
@@ -137,7 +137,7 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     """Build a validated Config from a nested dict (YAML, overrides, or a checkpoint's saved config)."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
-    tree = _default_budget(_apply_depth(_apply_preset(migrate(tree))))
+    tree = _default_budget(_apply_depth(_apply_preset(_apply_arch(migrate(tree)))))
     found: list[str] = []
     cfg = _build(Config, tree, prefix="", found=found)
     validate(cfg, found=found)
@@ -153,6 +153,20 @@ def _apply_preset(tree: dict[str, Any]) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(choice_message("model.preset", name, tuple(PRESETS)))
     return {**tree, "model": {**PRESETS[name], **model}}
+
+
+def _apply_arch(tree: dict[str, Any]) -> dict[str, Any]:
+    """model.arch's defaults (ARCH_DEFAULTS) under every key the user gave, preset included."""
+    model = tree.get("model")
+    defaults = ARCH_DEFAULTS.get(str(model.get("arch"))) if isinstance(model, dict) else None
+    if not defaults:
+        return tree
+    tree = dict(tree)
+    for section, values in defaults.items():
+        given = tree.get(section) or {}
+        if isinstance(given, dict):  # _build reports a bad section
+            tree[section] = {**values, **given}
+    return tree
 
 
 def _default_budget(tree: dict[str, Any]) -> dict[str, Any]:

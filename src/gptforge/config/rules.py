@@ -58,6 +58,7 @@ def check_across(cfg: Config, world_size: int = 1) -> None:
     _check_batch(cfg, world_size)
     _check_linear_replacements(cfg)
     _check_dist(cfg)
+    _check_family(cfg)
     if cfg.eval.tokens < cfg.model.block_size:
         raise ConfigError(f"eval.tokens={cfg.eval.tokens} is below one sequence "
                           f"(model.block_size={cfg.model.block_size})")
@@ -119,3 +120,36 @@ def _check_dist(cfg: Config) -> None:
     if d.checkpoint == "sharded" and d.strategy == "ddp":
         raise ConfigError("dist.checkpoint=sharded is for dist.strategy=fsdp2 or hsdp; "
                           "ddp keeps a full copy on every process")
+
+
+# Techniques that act on a GPT's own layers (attention, its linear layers by name, its token head) or on text.
+_GPT_ONLY = (("finetune.lora.rank", lambda c: c.finetune.lora.rank), ("finetune.qat", lambda c: c.finetune.qat),
+             ("speed.fp8", lambda c: c.speed.fp8), ("speed.fused_ce", lambda c: c.speed.fused_ce),
+             ("speed.fused_kernels", lambda c: c.speed.fused_kernels),
+             ("speed.activation_checkpointing", lambda c: c.speed.activation_checkpointing != "none"),
+             ("finetune.neftune_alpha", lambda c: c.finetune.neftune_alpha), ("model.share_layers", lambda c: c.model.share_layers),
+             ("train.batch_size=auto", lambda c: c.train.batch_size == "auto"))
+
+
+def _check_family(cfg: Config) -> None:
+    """Switches that belong to one model family: GPT techniques, text or image augmentation, and the
+    carried state of a recurrent model, which needs every step to read the same rows."""
+    from gptforge.model import IMAGE_ARCHITECTURES
+
+    arch, data = cfg.model.arch, cfg.data
+    if arch != "gpt":
+        for key, used in _GPT_ONLY:
+            if used(cfg):
+                raise ConfigError(f"{key} works on a GPT; model.arch={arch} does not take it")
+    images = arch in IMAGE_ARCHITECTURES
+    if images and (data.aug_span_delete or data.aug_token_noise):
+        raise ConfigError(f"data.aug_span_delete and data.aug_token_noise augment text; model.arch={arch} reads "
+                          "images (use data.aug_crop, data.aug_flip, data.aug_cutout)")
+    if not images and (data.aug_crop or data.aug_flip or data.aug_cutout):
+        raise ConfigError(f"data.aug_crop, data.aug_flip and data.aug_cutout augment images; model.arch={arch} "
+                          "reads tokens")
+    if arch in ("lstm", "gru") and data.loader == "sequential" and cfg.schedule.batch_warmup_steps:
+        raise ConfigError("schedule.batch_warmup_steps changes the rows of a step, which a recurrent model on "
+                          "data.loader=sequential carries its state along; use one or the other")
+    if cfg.dist.sync_batchnorm and not images:
+        raise ConfigError(f"dist.sync_batchnorm is for model.arch=cnn with model.norm=batchnorm; this is {arch}")

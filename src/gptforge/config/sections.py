@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from gptforge.errors import ConfigError
 from gptforge.model import ARCHITECTURES
-from gptforge.model.config import GPTConfig
+from gptforge.model.config import FamilyConfig, GPTConfig
 
 Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
@@ -135,6 +135,12 @@ class DataConfig:
     aug_token_noise: float = 0.0
     """Text augmentation for small data sets: the fraction of input tokens replaced by random tokens (targets
     stay the real text); 0 disables it."""
+    aug_crop: int = 0
+    """Image augmentation (model.arch=cnn): pad by this many pixels and crop back at random; 0 disables it."""
+    aug_flip: bool = False
+    """Image augmentation (model.arch=cnn): flip half the images left to right (not for digits or text)."""
+    aug_cutout: int = 0
+    """Image augmentation (model.arch=cnn): set one random square of this side to zero; 0 disables it."""
     verify: bool = True
     """Check every shard's sha256 against manifest.json before training."""
     prefetch: int = 2
@@ -147,7 +153,7 @@ class DataConfig:
         positive(self, "vocab_size")
         if self.vocab_size < 257 and self.tokenizer == "bpe":
             raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least 257 tokens, got {self.vocab_size}")
-        non_negative(self, "prefetch")
+        non_negative(self, "prefetch", "aug_crop", "aug_cutout")
         below_one(self, "aug_span_delete", "aug_token_noise", what="a probability")
 
 
@@ -162,9 +168,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What model.arch sets before any explicit key (as a preset does): the defaults that suit the family. A cnn
+# counts images as tokens (block_size 1) and trains with AdamW: Muon's matrices are 2-D, convolutions 4-D.
+ARCH_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "cnn": {"model": dict(norm="batchnorm", block_size=1), "optim": dict(name="adamw", weight_decay=5e-4),
+            "train": dict(batch_size=64), "eval": dict(tokens=10000), "guard": dict(spikes=False)},
+    "lstm": {"optim": dict(name="adamw")},
+    "gru": {"optim": dict(name="adamw")},
+}
+
+
 @dataclass
-class ModelConfig(GPTConfig):
-    """The model's own fields (GPTConfig) and the config's shortcuts to them."""
+class ModelConfig(FamilyConfig, GPTConfig):
+    """The model's own fields (GPTConfig, and FamilyConfig for the other families) and the config's shortcuts
+    to them."""
 
     KEY: ClassVar[str] = "model"
 
@@ -174,11 +191,12 @@ class ModelConfig(GPTConfig):
     """The depth dial: N layers sets width, heads, learning rates and a compute-optimal token budget at once;
     any explicit key still wins."""
     arch: str = choice("gpt", lambda: tuple(ARCHITECTURES))
-    """Model architecture, by name (gptforge.model.ARCHITECTURES)."""
+    """Model architecture, by name (gptforge.model.ARCHITECTURES): gpt, lstm or gru (recurrent language models)
+    on the same token shards, cnn (a ResNet on labelled images); see docs/families.md."""
 
     def check(self) -> None:
-        try:
-            self.validate()  # the model's own rules (shapes it can be built with), kept with the model
+        try:  # the model's own rules (shapes it can be built with), kept with the model
+            self.validate() if self.arch == "gpt" else self.validate_family(self.arch)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.depth is not None and self.depth < 1:
@@ -325,6 +343,9 @@ class SpeedConfig:
     activation_checkpointing: str = choice("none", ("none", "selective", "full"))
     """Recompute activations in the backward pass to save memory: none, selective (every other transformer
     block: about half the saving for half the recompute) or full (every block)."""
+    channels_last: bool = True
+    """model.arch=cnn on a GPU: weights and activations in channels-last memory, the layout tensor cores
+    convolve fastest."""
     fp8: bool = False
     """fp8 linear layers through torchao (Ada / Hopper GPUs and newer, sm_89+; needs the fp8 extra); the
     output head and layers with a dimension not a multiple of 16 stay as they are."""
@@ -439,6 +460,8 @@ class DistConfig:
     """Optimizer steps of plain all-reduce before PowerSGD starts (it needs a warm start)."""
     hsdp_shard_size: int = 0
     """hsdp only: processes per shard group (0: the processes of one node)."""
+    sync_batchnorm: bool = False
+    """model.arch=cnn under DDP: BatchNorm statistics over the global batch instead of each process's own."""
     checkpoint: str = choice("full", ("full", "sharded"))
     """full: gather the whole state into safetensors on rank 0; sharded: each process writes its shard (torch.distributed.checkpoint), for models that do not fit on one host."""
 
@@ -457,6 +480,9 @@ class GuardConfig:
 
     enabled: bool = True
     """Skip updates whose loss or gradient norm is not finite or spikes (see below); roll back after too many."""
+    spikes: bool = True
+    """Skip spikes too, not only non-finite steps. Off by default for model.arch=cnn: a classifier's loss per
+    batch is heavy-tailed near zero once it fits, and a batch holding one hard image is no fault."""
     window: int = 128
     """Recent accepted steps the spike rule looks at."""
     spike_sigmas: float = 6.0

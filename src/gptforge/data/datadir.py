@@ -39,6 +39,10 @@ class DataDir:
         """What `prepare --format chat` recorded (train_on, conversations, skipped), or None for text data."""
         return (self.manifest or {}).get("chat")
 
+    def model_fields(self) -> dict[str, int]:
+        """The model section's fields the data decides: the vocabulary (data/images.py has its own)."""
+        return {"vocab_size": self.vocab_size}
+
 
 def load_data_dir(data_dir: str | Path, *, verify_sha256: bool = True) -> DataDir:
     """Open a folder of shards written by `prepare`, llm.c or modded-nanogpt, checking it first.

@@ -14,6 +14,10 @@ those windows, so no data is skipped, and is built inline, since the background 
 Data with a loss mask (chat data) is read in packed windows instead (data/packing.py): whole conversations
 placed best fit, so "anywhere" becomes any packed window and the sweep goes window by window. Targets the
 mask leaves out are -1, which the loss ignores.
+
+With `streams` (recurrent models, whose hidden state is carried from one window to the next), sequential
+cuts the stream into one lane per global row instead: row j of every step reads the window that follows
+row j's window of the step before, and an epoch ends at the end of a lane.
 """
 
 from __future__ import annotations
@@ -120,9 +124,11 @@ class TokenLoader:
         prefetch: int = 2,
         state: dict | None = None,
         eot_id: int | None = None,
+        streams: bool = False,
     ):
         self.stream = TokenStream(shards)
         self.masks = masked_stream(shards)
+        self.streams = streams and mode == "sequential"
         self.layout = layout
         self.mode = mode
         self.device = torch.device(device)
@@ -206,6 +212,13 @@ class TokenLoader:
             picks = self._rng.integers(0, self._valid_starts[-1], size=n)
             shard = np.searchsorted(self._valid_starts, picks, side="right") - 1
             return self.stream.starts[shard] + (picks - self._valid_starts[shard])
+        if self.streams:  # lane j is [j * lane, (j + 1) * lane) of the stream; the cursor runs along every lane
+            lane = (self.stream.total - 1) // n // T * T
+            if self._cursor + T > lane:
+                self._cursor, self._epoch = 0, self._epoch + 1
+            starts = self._cursor + np.arange(n, dtype=np.int64) * lane
+            self._cursor += T
+            return starts
         if self._cursor + n * T + 1 > self.stream.total:
             self._cursor, self._epoch = 0, self._epoch + 1
         starts = self._cursor + np.arange(n, dtype=np.int64) * T

@@ -439,8 +439,6 @@ def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: b
 
 def run_prepare(args: argparse.Namespace) -> int:
     """`gptforge prepare`: prepare, then print the summary; errors become one line and exit code 2."""
-    if args.format == "chat":
-        return _run_prepare_chat(args)
     try:
         manifest = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer or "bpe", vocab_size=args.vocab_size,
@@ -456,26 +454,6 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"{args.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens")
     else:
         Console().print(summary_table(manifest, args.out))
-    return 0
-
-
-def _run_prepare_chat(args: argparse.Namespace) -> int:
-    from gptforge.data.prepare_chat import prepare_chat
-
-    try:
-        manifest = prepare_chat(args.inputs, args.out, tokenizer=args.tokenizer, train_on=args.train_on,
-                                max_tokens=args.max_tokens, val_fraction=args.val_fraction, force=args.force,
-                                progress=not args.quiet)
-    except GptforgeError as exc:
-        print(f"gptforge prepare: error: {exc}", file=sys.stderr)
-        return 2
-    splits, skipped = manifest["splits"], {k: v for k, v in manifest["skipped"].items() if v}
-    print(f"{args.out}: {splits['train']['documents']:,} train conversations ({splits['train']['tokens']:,} tokens) "
-          f"and {splits['val']['documents']:,} val ({splits['val']['tokens']:,} tokens), split by "
-          f"{manifest['chat']['split_by']}; loss on {manifest['chat']['train_on']} tokens")
-    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "none"))
-    for reason in skipped:
-        print(f"  {reason}: e.g. {', '.join(manifest['skipped_examples'][reason][:3])}")
     return 0
 
 

@@ -10,8 +10,10 @@ with text data (the same temporary folder and rename as `prepare`).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
 from gptforge.data.prepare import _check_output, _write_durably, building, write_manifest
 from gptforge.data.shards import MASK_SUFFIX, ShardWriter, read_header
 from gptforge.data.tokenizer import Tokenizer
-from gptforge.errors import DataError
+from gptforge.errors import DataError, GptforgeError
 from gptforge.fileio import sha256_file
 from gptforge.progress import Progress
 
@@ -125,3 +127,22 @@ def _split_entry(tokens: ShardWriter, masks: ShardWriter, conversations: int) ->
         shards.append({"file": path.name, "tokens": read_header(path).num_tokens, "sha256": sha256_file(path),
                        "mask": {"file": mask.name, "sha256": sha256_file(mask)}})
     return {"documents": conversations, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+
+
+def run_prepare_chat(args: argparse.Namespace) -> int:
+    """`gptforge prepare --format chat`: prepare, then print what was kept and skipped; errors: one line, exit 2."""
+    try:
+        manifest = prepare_chat(args.inputs, args.out, tokenizer=args.tokenizer, train_on=args.train_on,
+                                max_tokens=args.max_tokens, val_fraction=args.val_fraction, force=args.force,
+                                progress=not args.quiet)
+    except GptforgeError as exc:
+        print(f"gptforge prepare: error: {exc}", file=sys.stderr)
+        return 2
+    splits, skipped = manifest["splits"], {k: v for k, v in manifest["skipped"].items() if v}
+    print(f"{args.out}: {splits['train']['documents']:,} train conversations ({splits['train']['tokens']:,} tokens) "
+          f"and {splits['val']['documents']:,} val ({splits['val']['tokens']:,} tokens), split by "
+          f"{manifest['chat']['split_by']}; loss on {manifest['chat']['train_on']} tokens")
+    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "none"))
+    for reason in skipped:
+        print(f"  {reason}: e.g. {', '.join(manifest['skipped_examples'][reason][:3])}")
+    return 0

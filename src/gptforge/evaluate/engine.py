@@ -359,8 +359,7 @@ class Engine:
         model = self.model
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             x, rope = encode_positions(model, model.transformer.wte(idx), absolute, in_doc)  # (B, T, C)
-            for block in model.transformer.h:
-                x = block(x, rope, self.cache, mask)  # (B, T, C)
+            x = model.run_blocks(x, rope, self.cache, mask)  # (B, T, C)
             return model.logits(model.transformer.ln_f(x))  # (B, T, V)
 
     def _prefill(self, slot: Slot, context: list[int], score: bool = False) -> None:

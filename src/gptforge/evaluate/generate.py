@@ -52,8 +52,10 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
     if len(prompt_ids) == 0:
         raise ValueError("the prompt needs at least one token; for unconditional sampling pass [eot_id]")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if not use_cache:
-        yield from _recompute(model, list(prompt_ids), max_new_tokens, sampling, eot_id, context_keep)
+    recurrent = getattr(model, "new_cache", None) is not None  # its cache is a hidden state (model/rnn.py)
+    if recurrent or not use_cache:
+        yield from _one_by_one(model, list(prompt_ids), max_new_tokens, sampling, eot_id, context_keep,
+                               recurrent and use_cache)
         return
     engine = session if session is not None else Engine(model, slots=1)
     if engine.model is not model:
@@ -63,9 +65,10 @@ def stream(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int
 
 
 @torch.no_grad()
-def _recompute(model: GPT, prompt: list[int], max_new_tokens: int, sampling: Sampling, eot_id: int | None,
-               context_keep: int | None) -> Iterator[int]:
-    """stream() without a cache: a full forward over the window for every token."""
+def _one_by_one(model: GPT, prompt: list[int], max_new_tokens: int, sampling: Sampling, eot_id: int | None,
+                context_keep: int | None, recurrent: bool) -> Iterator[int]:
+    """stream() outside the engine: a recurrent model fed one token at a time through its hidden state
+    (model.new_cache), or a GPT without a cache, a full forward over the window for every token."""
     block_size = model.config.block_size
     if context_keep is not None and not 1 <= context_keep < block_size:
         raise ValueError(f"context_keep must be in [1, block_size={block_size}), got {context_keep}")
@@ -74,14 +77,21 @@ def _recompute(model: GPT, prompt: list[int], max_new_tokens: int, sampling: Sam
     seed = sampling.seed
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     window = deque(prompt[-block_size:], maxlen=block_size)  # the context the next token conditions on
+    cache = model.new_cache(1) if recurrent else None
+    unseen = list(window)  # tokens the recurrent state has not seen yet
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([list(window)], dtype=torch.long, device=device))[0, -1]  # (vocab_size,)
+        if cache is not None and cache.pos + len(unseen) > block_size:  # past the window: start it again
+            cache.reset()
+            unseen = list(window)[-context_keep:] if context_keep else list(window)
+        feed = unseen if cache is not None else list(window)
+        logits = model(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)[0, -1]  # (vocab_size,)
         token = sample_token(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                              generator=generator)
         yield token
         if token == eot_id:
             return
         window.append(token)
+        unseen = [token]
 
 
 def generate(model: GPT, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

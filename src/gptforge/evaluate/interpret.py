@@ -227,7 +227,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.out:
         _pyplot()  # fail before loading the model, not after
     device = pick_device(args.device)
-    run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr))
+    run = load_run(args.run_dir, device, report=lambda m: print(m, file=sys.stderr), gpt_only="gptforge inspect")
     if run.tokenizer is None:
         raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: cannot turn the prompt into tokens")
     result = inspect_run(run.model, run.tokenizer, args.prompt, top_k=args.top_k, device=device)

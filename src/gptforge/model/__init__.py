@@ -11,7 +11,14 @@ import importlib
 from typing import Any
 
 # model.arch: name -> the module class built from the model section (a GPTConfig or a subclass of it).
-ARCHITECTURES: dict[str, str] = {"gpt": "gptforge.model.gpt:GPT"}
+ARCHITECTURES: dict[str, str] = {
+    "gpt": "gptforge.model.gpt:GPT",
+    "lstm": "gptforge.model.rnn:RecurrentLM",
+    "gru": "gptforge.model.rnn:RecurrentLM",
+    "cnn": "gptforge.model.cnn:ResNet",
+}
+# What each architecture reads: token shards (language models) or labelled images.
+IMAGE_ARCHITECTURES = frozenset({"cnn"})
 
 
 def architecture(name: str) -> type:

@@ -10,13 +10,14 @@ import torch.nn as nn
 from gptforge.model.gpt import GPT, GPTConfig
 
 
-def _meta_model(config: GPTConfig) -> GPT:
-    """The model with this config, built on the meta device: exact shapes, no memory, no init cost.
+def _meta_model(config: GPTConfig) -> nn.Module:
+    """The model with this config (of its model.arch), built on the meta device: exact shapes, no memory, no
+    init cost. Counting a real module instead of re-deriving its shapes keeps the counts true to gpt.py as it
+    changes."""
+    from gptforge.model import build_model
 
-    Counting a real module instead of re-deriving its shapes keeps the counts true to gpt.py as it changes.
-    """
     with torch.device("meta"):
-        return GPT(config)
+        return build_model(config)
 
 
 def num_params(model_or_config: GPT | GPTConfig) -> dict[str, int]:
@@ -35,8 +36,8 @@ def estimated_params(config: GPTConfig) -> int:
     """The parameter count of a model of any depth without building it at that depth: the counts of its one-
     and two-layer versions (on the meta device) extended layer by layer. Exact, since the blocks are alike;
     fast even for a config of 100,000 layers, which is what it is for (to refuse what cannot fit)."""
-    one, two = (num_params(dataclasses.replace(config, n_layer=n))["total"] for n in (1, 2))
-    return one + (config.n_layer - 1) * (two - one)
+    one, two = (num_params(dataclasses.replace(config, n_layer=n, share_layers=0))["total"] for n in (1, 2))
+    return one + ((getattr(config, "share_layers", 0) or config.n_layer) - 1) * (two - one)
 
 
 def flops_per_token(config: GPTConfig) -> float:
@@ -52,6 +53,9 @@ def flops_per_token(config: GPTConfig) -> float:
     kernel computes only about half of it.
     """
     model = _meta_model(config)
-    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if hasattr(model, "train_flops"):  # another family counts its own (model/rnn.py, model/cnn.py)
+        return float(model.train_flops())
+    # A block shared by several layers (model.share_layers) is counted at every layer it runs in.
+    n_matmul = sum(m.weight.numel() for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear))
     attention = 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
     return float(6 * n_matmul + attention)

@@ -367,7 +367,10 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd)))
         self.positions = POSITIONS[config.pos]
         self.positions.build(self)  # right after wte: GPT-2's parameter order, wte then wpe
-        self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # model.share_layers=K: K distinct blocks, layer i runs block i mod K; the list holds each block at every
+        # layer it serves, so parameters() counts it once and its gradient sums over those layers.
+        blocks = [Block(config, i) for i in range(config.share_layers or config.n_layer)]
+        self.transformer.h = nn.ModuleList(blocks[i % len(blocks)] for i in range(config.n_layer))
         self.transformer.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -426,8 +429,7 @@ class GPT(nn.Module):
         elif self.config.doc_token >= 0:
             mask, positions = document_mask(idx, self.config.doc_token, cache)  # (B, 1, T, past + T), (B, T)
         x, rope = self.positions.encode(self, self.transformer.wte(idx), past, positions)  # (B, T, C); rotary or None
-        for block in self.transformer.h:
-            x = block(x, rope, cache, mask)  # (B, T, C)
+        x = self.run_blocks(x, rope, cache, mask)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
             cache.pos += T
@@ -435,6 +437,16 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x)
         return self.loss(x, targets, reduction)
+
+    def run_blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """The transformer blocks over the residual stream x (B, T, C). With share_layers a shared block serves
+        several layers, so it takes each layer's slot of the cache in turn."""
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None and self.config.share_layers:
+                block.attn.layer_idx = i
+            x = block(x, rope, cache, mask)  # (B, T, C)
+        return x
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap

@@ -557,6 +557,9 @@ def doctor(quick: bool = False) -> dict[str, Any]:
     settings, automatic = recommend(facts)
     precision = next(r["value"] for r in settings if r["key"] == "speed.precision")
     facts["train_step"] = measure_train_step(torch.device(kind), precision, quick)
+    from gptforge.observe.family_probe import measure_family_steps
+
+    facts["family_steps"] = measure_family_steps(torch.device(kind), precision, quick)  # lstm and cnn
     estimate = cpu_estimate(facts, precision)
     return {"facts": facts, "recommendations": settings, "automatic": automatic, "cpu_estimate": estimate,
             "main_job": _forecast(facts, estimate, precision)}
@@ -611,6 +614,10 @@ def format_report(report: dict[str, Any]) -> str:
     if s:
         add(f"  train step       {s['tokens_per_sec']:,.0f} tokens/s, default model ({s['model']}), batch {s['batch_size']}, "
             f"{s['precision']}")
+    from gptforge.observe.family_probe import family_lines
+
+    for line in family_lines(f.get("family_steps")):
+        add(line)
     add("")
     add("recommended settings")
     width = max(len(f"{x['key']}={x['value']}") for x in report["recommendations"])

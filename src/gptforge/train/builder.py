@@ -19,8 +19,11 @@ the ones before it built:
      9. optimizer       optim.name's registry entry (train/optim.py), and the fp16 gradient scaler
     10. restored state  a resumed checkpoint's weights, optimizer and scaler (train/resume.py)
 
-then the loader (at the resumed position), the validation batches and the Stepper. The model module itself
-(model/gpt.py) knows nothing of any of this.
+then the loader (at the resumed position), the validation batches, the family's task (train/task.py: its
+loss, its evaluation, a recurrent model's carried state) and the Stepper. The model modules themselves
+(model/gpt.py, rnn.py, cnn.py) know nothing of any of this. Image models (model.arch=cnn) read labelled images
+(data/images.py) where the others read token shards; on a GPU they train in channels-last memory, and under
+DDP dist.sync_batchnorm normalizes over the global batch.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from gptforge.data.augment import Augmenter
 from gptforge.data.loader import Layout, TokenLoader, val_batches
 from gptforge.data.datadir import DataDir, load_data_dir
 from gptforge.errors import CheckpointError, ConfigError
-from gptforge.model import build_model
+from gptforge.model import IMAGE_ARCHITECTURES, build_model
 from gptforge.observe import console
 from gptforge.parallel.distribute import CommStats, distribute
 from gptforge.parallel.world import World
@@ -50,6 +53,7 @@ from gptforge.train.guard import Guard
 from gptforge.train.optim import build_optimizer
 from gptforge.train.resume import Resume, check_same_run, restore
 from gptforge.train.step import Stepper, sparsity_masks
+from gptforge.train.task import LanguageTask, task_for
 from gptforge.train.techniques import (apply_activation_checkpointing, apply_compile, apply_flex_documents,
                                        apply_fp8)
 
@@ -68,10 +72,11 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     comm: CommStats | None  # gradient bytes per step under DDP
-    loader: TokenLoader
+    loader: TokenLoader  # or an ImageLoader (data/image_loader.py), with the same interface
     val: list | None  # the fixed validation batches, when asked for
     stepper: Stepper
     augment: Augmenter  # training batches only, never evaluation
+    task: LanguageTask  # the family's loss, evaluation and carried state (train/task.py)
 
     def close(self) -> None:
         self.loader.close()
@@ -103,9 +108,11 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     _apply_kernels_and_noise(raw_model, cfg)
     raw_model.to(device)                                                               # 4. device
     apply_flex_documents(raw_model, device)
+    _apply_image_layout(raw_model, cfg, world, device)
     if cfg.speed.fp8:                                                                  # 5. fp8, checkpointing
         apply_fp8(raw_model, device)
-    apply_activation_checkpointing(raw_model, cfg.speed.activation_checkpointing)
+    if cfg.speed.activation_checkpointing != "none":  # a GPT's blocks (config/rules.py)
+        apply_activation_checkpointing(raw_model, cfg.speed.activation_checkpointing)
     if cfg.train.batch_size == "auto":                                                 # 6. batch size
         saved = {"config": resume.state.config} if resume else None
         cfg = resolve_batch_size(cfg, raw_model, precision, device, world, saved, report=report)
@@ -118,15 +125,21 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
         if scaler is not None and resume.state.scaler:
             scaler.load_state_dict(resume.state.scaler)
     masks = sparsity_masks(raw_model) if cfg.finetune.keep_sparsity else []
-    stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, masks, guard)
+    task = task_for(cfg, data, world, device, resume.path if resume else None)
+    stepper = Stepper(model, raw_model, optimizer, scaler, precision, world, cfg, masks, guard, task)
     return Trainee(cfg, world, data, device, precision, raw_model, model, optimizer, scaler, comm,
                    loader=_loader(cfg, data, world, device, resume), stepper=stepper,
                    val=_validation(cfg, data, world, report) if validation else None,
-                   augment=Augmenter.from_config(cfg.data, data.vocab_size))
+                   augment=Augmenter.from_config(cfg.data, data.vocab_size), task=task)
 
 
 def resolve_data(cfg: Config) -> DataDir:
-    """The prepared data of a run: data.dir, or the built-in corpus prepared once into the cache."""
+    """The prepared data of a run: data.dir, or the built-in corpus prepared once into the cache (for an
+    image model: an image folder, or the built-in digits)."""
+    if cfg.model.arch in IMAGE_ARCHITECTURES:
+        from gptforge.data.images import builtin_digits, load_images
+
+        return load_images(cfg.data.dir, verify_sha256=cfg.data.verify) if cfg.data.dir else builtin_digits()
     if cfg.data.dir:
         return load_data_dir(cfg.data.dir, verify_sha256=cfg.data.verify)
     from gptforge.data.prepare import builtin_data_dir
@@ -141,10 +154,14 @@ def _initial_model(cfg: Config, data: DataDir, fine_tune: bool) -> tuple[Config,
     from finetune.init_from when fine-tuning), built at run.seed, with init_from's weights when `fine_tune`
     (a resumed fine-tune gets its weights from its own checkpoint instead)."""
     source = init_source(cfg, data) if cfg.finetune.init_from else None
-    model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout) if source else cfg.model
-    vocab_size = max(model_cfg.vocab_size, data.vocab_size) if source else data.vocab_size  # chat tokens grow it
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, vocab_size=vocab_size,
-                                                             doc_token=document_token(cfg, data)))
+    if source:  # chat data's tokens grow the vocabulary of the base
+        model_cfg = dataclasses.replace(source.config.model, dropout=cfg.model.dropout,
+                                        vocab_size=max(source.config.model.vocab_size, data.vocab_size))
+    else:
+        model_cfg = dataclasses.replace(cfg.model, **data.model_fields())
+    if isinstance(data, DataDir):  # token data: documents kept apart or not
+        model_cfg = dataclasses.replace(model_cfg, doc_token=document_token(cfg, data))
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     rng.seed_everything(cfg.run.seed)  # the same initial weights on every process
     model = build_model(cfg.model)
     if source is not None and fine_tune:
@@ -236,8 +253,17 @@ def _apply_kernels_and_noise(model: nn.Module, cfg: Config) -> None:
 def _loader(cfg: Config, data: DataDir, world: World, device: torch.device, resume: Resume | None) -> TokenLoader:
     layout = Layout(cfg.model.block_size, cfg.train.batch_size, cfg.grad_accum_steps(world.world_size),
                     world.rank, world.world_size)
+    state = resume.state.loader if resume else None
+    if cfg.model.arch in IMAGE_ARCHITECTURES:
+        from gptforge.data.image_loader import ImageAugment, ImageLoader
+
+        augment = ImageAugment(cfg.data.aug_crop, cfg.data.aug_flip, cfg.data.aug_cutout)
+        return ImageLoader(data, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device, augment=augment,
+                           state=state)
+    from gptforge.model.config import RECURRENT
+
     return TokenLoader(data.train, layout, mode=cfg.data.loader, seed=cfg.run.seed, device=device,
-                       prefetch=cfg.data.prefetch, state=resume.state.loader if resume else None,
+                       prefetch=cfg.data.prefetch, state=state, streams=cfg.model.arch in RECURRENT,
                        eot_id=data_eot(data))
 
 
@@ -248,8 +274,25 @@ def data_eot(data: DataDir) -> int | None:
     return (data.manifest or {}).get("tokenizer", {}).get("eot_id")
 
 
+def _apply_image_layout(model: nn.Module, cfg: Config, world: World, device: torch.device) -> None:
+    """An image model on a GPU: channels-last weights (the input already is); under DDP with
+    dist.sync_batchnorm, BatchNorm over the global batch (torch's kernels on a GPU, parallel/syncbn.py's on CPUs)."""
+    if cfg.model.arch not in IMAGE_ARCHITECTURES:
+        return
+    if device.type == "cuda" and cfg.speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.dist.sync_batchnorm and world.distributed:
+        from gptforge.parallel.syncbn import convert_sync_batchnorm
+
+        convert_sync_batchnorm(model, device)
+
+
 def _validation(cfg: Config, data: DataDir, world: World, report: Callable[[str], None]) -> list:
     """The fixed validation batches; a warning when the val split holds fewer windows than eval.tokens asks."""
+    if cfg.model.arch in IMAGE_ARCHITECTURES:  # eval.tokens counts images: the whole val split by default
+        from gptforge.data.image_loader import image_val_batches
+
+        return image_val_batches(data, cfg.train.batch_size, cfg.eval.tokens, world.rank, world.world_size)
     batches = val_batches(data.val, cfg.model.block_size, cfg.train.batch_size, cfg.eval.tokens,
                           world.rank, world.world_size, eot_id=data_eot(data))
     asked = cfg.eval.tokens // cfg.model.block_size

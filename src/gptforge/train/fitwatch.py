@@ -207,10 +207,10 @@ def unigram_entropy(shards, max_tokens: int = ENTROPY_SAMPLE_TOKENS) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def fit_watch(cfg, shards, state: dict | None = None) -> FitWatch | None:
+def fit_watch(cfg, shards, state: dict | None = None, baseline: float | None = None) -> FitWatch | None:
     """The fit watch of a run (guard.fit_watch), None when it is off. The baseline comes from the saved
-    state when there is one, else from the training shards."""
+    state when there is one, else `baseline` (an image task's label entropy), else the training shards."""
     if not cfg.fit_watch:
         return None
-    baseline = state.get("baseline") if state else None
+    baseline = state.get("baseline") if state and state.get("baseline") is not None else baseline
     return FitWatch(cfg.fit_patience, baseline if baseline is not None else unigram_entropy(shards), state=state)

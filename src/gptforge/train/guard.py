@@ -37,9 +37,9 @@ class Guard:
         reason = None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             reason = "nonfinite"
-        elif spikes and self._spike(self.losses, loss):
+        elif spikes and self.cfg.spikes and self._spike(self.losses, loss):
             reason = "loss_spike"
-        elif spikes and self._spike(self.grad_norms, grad_norm):
+        elif spikes and self.cfg.spikes and self._spike(self.grad_norms, grad_norm):
             reason = "grad_spike"
         if reason is None:
             self.losses.append(loss)

@@ -25,7 +25,6 @@ from gptforge import __version__
 from gptforge.config import Config, TrainConfig, save_config, validate
 from gptforge.errors import GptforgeError, UnloadableCheckpoint
 from gptforge.evaluate.generate import sample_texts
-from gptforge.evaluate.loss import evaluate
 from gptforge.fileio import atomic_write_text
 from gptforge.model import build_model
 from gptforge.model.flops import flops_per_token, num_params
@@ -46,6 +45,7 @@ from gptforge.train.resume import Resume, find_resume, restore
 from gptforge.train.runlock import run_lock
 from gptforge.train.schedule import lr_multiplier, micro_steps, progress
 from gptforge.train.state import TrainState
+from gptforge.train.task import CARRY_FILE
 
 
 @dataclass
@@ -103,8 +103,6 @@ class Run:
         """Resume or start: build the step, write the run's files, restore the counters, evaluate step 0."""
         resume = self._build()
         self.cfg = cfg = self.t.cfg  # resolved: vocabulary, init_from's model, batch size
-        tokenizer = self.t.data.tokenizer  # bytes per token, for bits per byte
-        self.token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()) if tokenizer is not None else None
         self._write_run_files()
         # metrics.jsonl holds exactly the steps the state has: lines past the checkpoint resumed from (or, for
         # a run starting at step 0, every line a killed earlier start left) are dropped, and counted.
@@ -117,7 +115,7 @@ class Run:
             self.metrics.event("restart", 0, dropped_lines=dropped)
             self.say(f"no checkpoint to resume from: {dropped} lines an earlier start wrote to metrics.jsonl dropped")
         self.early = EarlyStop(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta, self.state.early_stop)
-        self.watch = fit_watch(cfg.guard, self.t.data.train, self.state.fit_watch)
+        self.watch = fit_watch(cfg.guard, self.t.data.train, self.state.fit_watch, baseline=self.t.task.baseline)
         self.last_saved = self.state.step if resume else -1
         self.train_loss: float | None = None
         self._banner(resume)
@@ -306,13 +304,13 @@ class Run:
         self.window_tokens, self.window_time = 0, 0.0
 
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss on the fixed batches; then the fit watch, the best checkpoint, early stopping and
-        the caller's hook (which may stop the run)."""
+        """Validation on the fixed batches (the family's task says what: loss and bits per byte, or loss and
+        accuracy); then the fit watch, the best checkpoint, early stopping and the caller's hook (which may
+        stop the run)."""
         s, t = self.state, self.t
-        result = evaluate(t.model, t.val, t.precision, self.token_bytes, t.device, self.world)
+        result = t.task.evaluate(t.model, t.val, t.precision, t.device, self.world)
         self.metrics.write({"step": s.step, "tokens": s.tokens, "time_s": round(s.time_s, 3), **result})
-        bpb = f", {result['val_bpb']:.3f} bits/byte" if result["val_bpb"] is not None else ""
-        self.say(f"step {s.step}: val loss {result['val_loss']:.4f}{bpb}")
+        self.say(f"step {s.step}: {t.task.summary(result)}")
         s.last_val = result
         self._judge(result)
         if self.on_eval is not None:
@@ -357,6 +355,7 @@ class Run:
             weights = checkpoint.model_tensors(t.raw_model, full_model_state(t.raw_model))
             optim = full_optimizer_state(t.raw_model, t.optimizer)
         rngs = world.gather_json(rng.capture())
+        carry = t.task.carry_tensors(world)  # a recurrent model's hidden state, every process's rows
         s.config, s.rng, s.loader, s.world_size = cfg.to_dict(), {str(r): x for r, x in enumerate(rngs)}, \
             t.loader.state_dict(), world.world_size
         s.scaler = t.scaler.state_dict() if t.scaler is not None else None
@@ -364,9 +363,12 @@ class Run:
         s.guard, s.early_stop = self.guard.state_dict(), self.early.state_dict()
         s.fit_watch = self.watch.state_dict() if self.watch is not None else None
         files = {"tokenizer.json": self.run_dir / "tokenizer.json"} if t.data.tokenizer is not None else {}
+        if getattr(t.data, "classes", None):  # an image run's class names, for predict
+            files["classes.json"] = self.run_dir / "classes.json"
         if world.is_main:
             checkpoint.save_checkpoint(self.run_dir, s.step, model=weights, optimizer=optim, state=s.to_dict(),
                                        files=files, keep=cfg.train.keep_checkpoints, staged=staged,
+                                       tensors={CARRY_FILE: carry} if carry else None,
                                        dest=self.run_dir / "best" if best else None)
         world.barrier()
         if not best:
@@ -379,6 +381,8 @@ class Run:
             save_config(self.cfg, self.run_dir / "config.yaml")
             if t.data.tokenizer is not None:
                 t.data.tokenizer.save(self.run_dir / "tokenizer.json")
+            if getattr(t.data, "classes", None):
+                atomic_write_text(self.run_dir / "classes.json", json.dumps(list(t.data.classes)))
             env = environment(t.device, t.precision.name, self.world.world_size)
             atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=1))
         self.world.barrier()
@@ -389,9 +393,11 @@ class Run:
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = Peak(t.device, t.precision.name)
         accum = cfg.grad_accum_steps(world.world_size)
+        unit = "images" if cfg.model.block_size == 1 and cfg.model.arch != "gpt" else "tokens"  # a cnn counts images
         self.say(
-            f"gptforge {__version__} | {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
-            f"non-embedding) | {t.device.type} {t.precision.name} | {cfg.tokens_per_step(world.world_size)} tokens/step "
+            f"gptforge {__version__} | {cfg.model.arch} | {counts['total'] / 1e6:.2f}M parameters "
+            f"({counts['non_embedding'] / 1e6:.2f}M non-embedding) | {t.device.type} {t.precision.name} | "
+            f"{cfg.tokens_per_step(world.world_size)} {unit}/step "
             f"({cfg.train.batch_size} x {cfg.model.block_size} x {accum} accum x {world.world_size} proc"
             f"{', ' + cfg.dist.strategy if world.distributed else ''}) | data {t.data.path}"
         )

@@ -34,7 +34,8 @@ class Stepper:
     """One optimizer step: micro-steps with gradient accumulation, clipping, the guard's verdict, the update."""
 
     def __init__(self, model, raw_model, optimizer, scaler, precision, world: World, cfg: Config, sparsity_masks,
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, task=None):
+        self.task = task  # train/task.py: the family's loss per micro-step (None: model(x, y))
         self.model, self.optimizer, self.scaler, self.precision, self.world = model, optimizer, scaler, precision, world
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -105,7 +106,7 @@ class Stepper:
         loss_sum = torch.zeros((), device=self.params[0].device)
         for i, (x, y) in enumerate(batches):
             with grad_sync(self.model, enabled=i == accum - 1), self.precision.autocast():
-                loss = self.model(x, y) * (scale / accum)
+                loss = (self.task.loss(self.model, x, y, i) if self.task else self.model(x, y)) * (scale / accum)
                 loss_sum += loss.detach()
                 if phases:
                     phases.mark("forward")
