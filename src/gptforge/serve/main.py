@@ -131,6 +131,9 @@ def run_serve(args) -> int:
         threading.Thread(target=_reload, args=(host, say), daemon=True, name="reload").start()
 
     signal.signal(signal.SIGHUP, on_hup)
+    # uvicorn handles SIGTERM (stop accepting, let requests finish) and then raises it again to the handler it
+    # found: with this one in place the process ends by returning, with status 0, once drained.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                             log_level="warning", timeout_graceful_shutdown=args.drain_timeout, access_log=False)
     scheme = "https" if tls else "http"

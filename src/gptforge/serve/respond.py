@@ -69,27 +69,36 @@ class Run:
         self.job.served.engine.submit(self.request)
         try:
             while True:
-                kind, value = await self.events.get()
-                if kind == "end":
-                    self.finish_reason = self.finish_reason or value
-                    yield self.text.finish(), True
-                    return
-                if self.first_token is None:
-                    self.first_token = time.perf_counter()
-                    self.server.metrics.ttft.labels(self.job.endpoint).observe(self.first_token - self.job.started)
-                self.server.metrics.generated()
-                if value in self.job.stop_ids:
-                    continue
-                piece = self.text.push(value)
-                if self.text.stopped and self.finish_reason is None:
-                    self.finish_reason = "content_filter" if self.text.blocked else "stop"
-                    self.request.cancel("stop")
-                if piece:
-                    yield piece, False
+                # Everything queued since the last wake-up goes out as one piece: under load, fewer events
+                events = [await self.events.get()]
+                while not self.events.empty():
+                    events.append(self.events.get_nowait())
+                pieces = []
+                for kind, value in events:
+                    if kind == "end":
+                        self.finish_reason = self.finish_reason or value
+                        yield "".join(pieces) + self.text.finish(), True
+                        return
+                    pieces.append(self._token(value))
+                if any(pieces):
+                    yield "".join(pieces), False
         finally:
             watcher.cancel()
             if not self.request.done.is_set():
                 self.request.cancel()
+
+    def _token(self, token: int) -> str:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self.server.metrics.ttft.labels(self.job.endpoint).observe(self.first_token - self.job.started)
+        self.server.metrics.generated()
+        if token in self.job.stop_ids:
+            return ""
+        piece = self.text.push(token)
+        if self.text.stopped and self.finish_reason is None:
+            self.finish_reason = "content_filter" if self.text.blocked else "stop"
+            self.request.cancel("stop")
+        return piece
 
     def finish(self, status: int) -> str:
         """Safety counts, limits, metrics and the audit line, once the response is complete (or abandoned);
