@@ -14,12 +14,15 @@ from gptforge.errors import GptforgeError
 MAIN_HELP = """\
 Train, adapt, compress, check and serve GPT models.
 
-  gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards
+  gptforge prepare INPUT... --out DATA_DIR     tokenize text, JSONL or Parquet into token shards (--format chat:
+                                               conversations with a loss mask)
   gptforge train [--config FILE] [key=value]   train (or resume) a GPT; no data given: the built-in corpus
   gptforge lr-find [key=value] [--max-lr X]    learning-rate range test: loss against lr, a suggested optim.lr
   gptforge tune --trials N [key=value]         hyperparameter search with Optuna, pruning, resumable study
   gptforge sample RUN_DIR --prompt TEXT        generate text from a trained run
+  gptforge chat RUN_DIR [--prompt TEXT]        talk to a chat-tuned run (prepare --format chat, then train)
   gptforge eval RUN_DIR [--json] [--bias]      validation loss, bits per byte, perplexity; bias gaps
+  gptforge eval RUN_DIR --tasks builtin|FILE   multiple-choice accuracy (95% intervals), CORE aggregate
   gptforge inspect RUN_DIR --prompt TEXT       attention maps, logit lens, token attributions
   gptforge report RUN_DIR [--out FILE]         one self-contained HTML page of a run
   gptforge runs [DIR] [--json]                 the runs under a folder: state, step, losses, size
@@ -29,8 +32,9 @@ Train, adapt, compress, check and serve GPT models.
   gptforge quantize RUN_DIR --method M --out DIR          weight-only int8 / int4
   gptforge prune RUN_DIR --pattern 2:4 --out DIR          magnitude pruning, optional recovery
   gptforge compare RUN_DIR DIR...              size, loss, bits per byte, speed, memory of variants
-  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2 folder (safetensors) as a run
+  gptforge import-hf HF_DIR --out RUN_DIR      a Hugging Face GPT-2/Llama/Qwen3 folder (safetensors) as a run
   gptforge export-hf RUN_DIR --out HF_DIR      a run as a folder that transformers loads
+  gptforge export-gguf RUN_DIR --out F.gguf    a run as a GGUF file for llama.cpp (f32, f16, q8_0)
   gptforge serve RUN_DIR --keys FILE           an OpenAI-compatible server with batched generation
   gptforge keys add|list|revoke --file FILE    API keys for serve (stored as salted hashes)
 
@@ -88,6 +92,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        if args.bias:
+            raise GptforgeError("--tasks and --bias are separate evaluations; give one of them")
+        from gptforge.evaluate.task_eval import run_eval_tasks
+
+        return run_eval_tasks(args)
     if args.bias:
         from gptforge.evaluate.bias import run_bias
 
@@ -220,8 +230,20 @@ def _prepare_parser(p: argparse.ArgumentParser) -> None:
                    help="files, directories (recursive) or glob patterns; .jsonl/.ndjson, .parquet, anything "
                    "else is UTF-8 text, one document per file (default: the Python standard library's source)")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder to create with the shards")
-    p.add_argument("--tokenizer", default="bpe",
-                   help="'bpe' (trained on the inputs), 'bytes', or a tokenizer.json / Hugging Face tokenizer folder")
+    p.add_argument("--format", choices=("text", "chat"), default="text",
+                   help="text: documents (the default). chat: JSONL conversations ({\"messages\": [{\"role\", "
+                   "\"content\"}, ...]}, {\"prompt\", \"completion\"} or Alpaca's {\"instruction\", \"input\", "
+                   "\"output\"}) rendered by the chat template with a loss mask; with no INPUT, the built-in "
+                   "questions on the standard library answered from its docstrings")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bpe' (trained on the inputs; the default), 'bytes', or a tokenizer.json / Hugging Face "
+                   "tokenizer folder. --format chat: the base run's tokenizer.json, to which the chat tokens are "
+                   "added (default: the built-in corpus's, what plain `gptforge train` uses)")
+    p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
+                   help="--format chat: the tokens the loss counts: the assistant's answers (default) or all")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="--format chat: skip (and count) conversations longer than N tokens once rendered; "
+                   "the context of the model to fine-tune (default: 256, the default model's block_size)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-text included")
     p.add_argument("--text-field", default="text", help="JSONL key holding the text")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text")
@@ -295,6 +317,20 @@ def _sample_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_sample)
 
 
+def _chat_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (for scripts)")
+    p.add_argument("--system", default=None, help="system message the conversation starts with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50; 0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of tokens with this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the first answer (default: 0)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _safety_arguments(p)
+    p.set_defaults(func="gptforge.evaluate.chat:run_chat")
+
+
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's own data)")
@@ -311,6 +347,13 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
                    'JSONL lines {"attribute", "groups", "template"}; each template has one {group} slot '
                    "(default: the shipped set)")
     p.add_argument("--n-boot", type=int, default=1000, help="--bias bootstrap resamples (default: 1000)")
+    p.add_argument("--tasks", nargs="+", metavar="builtin|FILE",
+                   help="multiple-choice accuracy instead of the validation loss: builtin (next_line, docstring, "
+                   "closing, made from the data's held-out val text) and/or JSONL files of "
+                   '{"context", "choices", "label"} lines; prints acc, acc_norm with 95%% intervals and a CORE '
+                   "aggregate")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many items a task "
+                   "(default: 500 for builtin, every line of a file)")
     p.set_defaults(func=_eval)
 
 
@@ -391,10 +434,20 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _import_hf_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face GPT-2 folder: config.json and safetensors weights")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face folder (GPT-2, Llama, Qwen3, Arcee, Apertus or "
+                   "GPT-NeoX): config.json and safetensors weights")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace RUN_DIR if it exists")
     p.set_defaults(func="gptforge.adapt.hf:run_import")
+
+
+def _export_gguf_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write (for llama.cpp)")
+    p.add_argument("--dtype", default="f16", choices=("f32", "f16", "q8_0"),
+                   help="weight type of the matrices (norms stay f32; default: f16)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func="gptforge.adapt.gguf_export:run_export_gguf")
 
 
 def _export_hf_parser(p: argparse.ArgumentParser) -> None:
@@ -465,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
             "(training\ndocuments are joined by end-of-text, so each began right after one). Hugging Face "
             "transformers'\ngenerate feeds the prompt alone; --no-eot-prefix does the same, and greedy output "
             "then matches it.")
+    command("chat", _chat_parser, "talk to a chat-tuned run in the terminal, or answer one --prompt",
+            "An interactive chat with a run fine-tuned on conversations (prepare --format chat, then train "
+            "finetune.init_from=RUN): answers stream as they are decoded, the KV cache carries across turns, "
+            "the output safety filter applies. Commands: /reset, /system TEXT, /exit. Ctrl-C stops the current "
+            "answer, not the session. With --prompt, answers once and exits.")
     command("eval", _eval_parser, "validation loss, bits per byte, perplexity",
             "Evaluate a run on a validation split: its own data, or --data DIR.")
     command("inspect", _inspect_parser, "attention maps, logit lens and token attributions for a prompt",
@@ -493,11 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("compare", _compare_parser, "one table of a run and its variants",
             "Size on disk, parameters, val loss and bits per byte on the same split, generation tokens/s and "
             "memory for each run or variant.")
-    command("import-hf", _import_hf_parser, "import a Hugging Face GPT-2-family folder",
-            "Turn a Hugging Face GPT-2-family folder (config.json, safetensors weights, tokenizer files) into a "
-            "gptforge run. Pickle-only folders are refused.")
-    command("export-hf", _export_hf_parser, "export a run as a Hugging Face GPT-2 folder",
-            "Write a run (GPT-2 architecture) as a folder that transformers loads; LoRA adapters are merged first.")
+    command("import-hf", _import_hf_parser,
+            "import a Hugging Face GPT-2, Llama, Qwen3, Arcee, Apertus or GPT-NeoX folder",
+            "Turn a Hugging Face folder of a family gptforge computes exactly (config.json, safetensors weights, "
+            "tokenizer files) into a gptforge run. Pickle-only folders are refused.")
+    command("export-hf", _export_hf_parser, "export a run as a standard transformers folder",
+            "Write a run as the transformers family that computes it exactly (GPT-2, Llama, Qwen3, Arcee, "
+            "Apertus or GPT-NeoX; no trust_remote_code); LoRA adapters are merged, quantized layers dequantized. "
+            "A model no family computes is refused before anything is written, naming the switch to change.")
+    command("export-gguf", _export_gguf_parser, "export a run as a GGUF file for llama.cpp",
+            "Write a run's weights, hyperparameters and tokenizer as one GGUF file (f32, f16 or q8_0) through "
+            "the gguf package, in the llama.cpp architecture of its Hugging Face family.")
     command("serve", _serve_parser, "an OpenAI-compatible HTTP server with batched generation",
             "Serve a run over HTTP: /v1/models, /v1/completions, /v1/chat/completions (streaming with "
             "\"stream\": true), /healthz, /metrics (Prometheus) and a chat page at /. Concurrent requests decode "

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 import and export: logits match transformers both ways; pickles and misfits are refused."""
+"""Hugging Face GPT-2 import and export, and the folders: logits match transformers both ways; pickles and misfits are refused."""
 
 from __future__ import annotations
 
@@ -150,9 +150,10 @@ def test_export_gptforge_model(transformers, tokenizer, tmp_path, model):
         assert (hf(ids).logits - gpt(ids)).abs().max() < 1e-4
 
 
-def test_export_refuses_what_gpt2_cannot_express(tokenizer, tmp_path):
-    _gptforge_run(tmp_path / "run", tokenizer, pos="rope", norm="rmsnorm")
-    with pytest.raises(GptforgeError, match=r"model.pos='rope' \(HF GPT-2 has learned.*model.norm='rmsnorm'"):
+def test_export_refuses_what_no_family_computes(tokenizer, tmp_path):
+    _gptforge_run(tmp_path / "run", tokenizer, pos="learned", norm="rmsnorm", logit_softcap=15.0)
+    with pytest.raises(GptforgeError, match=r"nearest: Apertus with model.pos=learned \(exportable: model.pos=rope\); "
+                                            r"model.logit_softcap=15.0 \(exportable: model.logit_softcap=0.0\)$"):
         export_hf(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -201,7 +202,7 @@ def test_pickle_only_folder_is_refused_and_never_loaded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
                                         ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
-                                        ("model_type", "llama")])
+                                        ("model_type", "mistral")])
 def test_import_refuses_configs_that_do_not_map(tmp_path, key, value):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()

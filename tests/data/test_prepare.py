@@ -182,7 +182,7 @@ def test_cli_nothing_usable_exits_nonzero_without_traceback(tmp_path, capsys):
 def test_cli_prints_a_summary(mixed, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line, whatever the path lengths
     args = parse([str(mixed), "--out", str(tmp_path / "out"), "--vocab-size", "300", "--val-fraction", "0.1"])
-    assert (args.tokenizer, args.text_field, args.shard_tokens, args.force) == ("bpe", "text", 100_000_000, False)
+    assert (args.tokenizer, args.text_field, args.shard_tokens, args.force) == (None, "text", 100_000_000, False)  # None: bpe for text, the base tokenizer for chat
     assert run_prepare(args) == 0
     out = capsys.readouterr().out
     assert "Prepared" in out and "skipped: malformed_json" in out and "docs.jsonl:10" in out

@@ -54,7 +54,7 @@ def test_recomputed_weights_reproduce_the_attention_output(variant):
         hook.remove()
 
     assert len(calls) == 2
-    for attn, (x, rope, _cache), output in calls:
+    for attn, (x, rope, _cache, _mask), output in calls:
         weights, v = recompute_attention(attn, x, rope)  # (B, nh, T, T), (B, nh, T, hd)
         merged = (weights @ v).transpose(1, 2).reshape(x.shape)  # (B, T, C)
         torch.testing.assert_close(attn.c_proj(merged), output, atol=1e-5, rtol=0)

@@ -1,8 +1,8 @@
-"""Hugging Face GPT-2 folders in and out: `gptforge import-hf` and `gptforge export-hf`.
+"""Hugging Face folders in and out: `gptforge import-hf` and `gptforge export-hf`.
 
-gptforge's module names already are GPT-2's (transformer.h.0.attn.c_attn, ...), so the mapping is small:
-GPT-2 stores its linear layers as Conv1D, (in, out), where nn.Linear wants (out, in); gptforge pads the
-vocabulary to a multiple of 128 rows; and a tied head is stored once. Weights are read and written as
+Which transformers family computes a gptforge model, and the tensor names between them, live in
+hf_families.py; this module reads and writes the folders. gptforge pads the vocabulary to a multiple of 128
+rows (cut on export, padded on import) and a tied head is stored once. Weights are read and written as
 safetensors only: a folder holding nothing but pickled weights (`pytorch_model.bin`) is refused, because
 unpickling a downloaded file can run any code it carries.
 """
@@ -14,42 +14,27 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptforge.adapt.hf_families import FAMILIES, Family, Unexportable, Unimportable, choose, from_hf, hf_config, \
+    model_keys, to_hf
 from gptforge.config import Config, from_dict, load_config
 from gptforge.data.tokenizer import EOT, Tokenizer
 from gptforge.errors import ConfigError, GptforgeError
 from gptforge.model import build_model
-from gptforge.model.gpt import GPT, make_norm
+from gptforge.model.gpt import GPT
 from gptforge.runtime import check_fits
 from gptforge.train.checkpoint import save_weights
 
-# GPT2Config's defaults, for keys a config.json leaves out (transformers fills them in the same way).
-_HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-                    activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-                    scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-                    reorder_and_upcast_attn=False, add_cross_attention=False)
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+if TYPE_CHECKING:
+    from gptforge.runs import LoadedRun
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SHARD_INDEX = "model.safetensors.index.json"
-_VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # padded to a multiple of 128 rows in gptforge
-
-
-def _hf_names(n_layer: int, tied: bool) -> list[str]:
-    """Tensor names of a GPT2LMHeadModel; gptforge's state_dict uses the same ones."""
-    names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    for i in range(n_layer):
-        for layer in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
-            names += [f"transformer.h.{i}.{layer}.weight", f"transformer.h.{i}.{layer}.bias"]
-    names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
-    return names if tied else names + ["lm_head.weight"]
-
-
-def _is_conv1d(name: str) -> bool:
-    return name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,15 +42,16 @@ def _is_conv1d(name: str) -> bool:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """Turn a Hugging Face GPT-2-family folder into a weights-only gptforge run at `out`; returns `out`.
+    """Turn a Hugging Face folder of a family gptforge computes (hf_families.FAMILIES) into a weights-only
+    gptforge run at `out`; returns `out`.
 
     The run is built under a hidden sibling name and renamed at the end, so `out` never holds half an import.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(out, force)
-    cfg = _config_from_hf(hf_dir, out)
+    family, cfg = _config_from_hf(hf_dir, out)
     model = build_model(cfg.model)
-    model.load_state_dict(_gptforge_state(_read_weights(hf_dir), model, hf_dir))
+    model.load_state_dict(_gptforge_state(family, _read_weights(hf_dir), model, hf_dir))
 
     tokenizer = _read_tokenizer(hf_dir, cfg.model.vocab_size)
     tmp = _fresh_tmp(out)
@@ -75,7 +61,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
             tok_file = tmp / ".hf-tokenizer.json"  # save_weights copies it to tokenizer.json
             tokenizer.save(tok_file)
         save_weights(tmp, model, cfg.to_dict(), step=0, tokenizer_file=tok_file,
-                     extra={"source": {"kind": "hf", "path": str(hf_dir.resolve())}})
+                     extra={"source": {"kind": "hf", "family": family.model_type, "path": str(hf_dir.resolve())}})
         if tok_file is not None:
             tok_file.unlink()
         _replace_dir(tmp, out)
@@ -94,50 +80,20 @@ def _read_hf_config(hf_dir: Path) -> dict:
         raise GptforgeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise GptforgeError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return {**_HF_DEFAULTS, **raw}
+    return raw
 
 
-def _config_from_hf(hf_dir: Path, out: Path) -> Config:
-    """The gptforge config of a GPT-2 config.json, refusing every setting gptforge's GPT computes differently."""
+def _config_from_hf(hf_dir: Path, out: Path) -> tuple[Family, Config]:
+    """The family and gptforge config of a config.json, refusing every setting gptforge's GPT computes differently."""
     hf = _read_hf_config(hf_dir)
     where = hf_dir / "config.json"
-    if hf.get("model_type") != "gpt2":
-        raise GptforgeError(f"{where}: model_type={hf.get('model_type')!r}; only GPT-2 (model_type 'gpt2') "
-                            "folders can be imported")
-    if hf["activation_function"] not in _TANH_GELUS:
-        raise GptforgeError(f"{where}: activation_function={hf['activation_function']!r} cannot be imported: "
-                            f"gptforge's GELU is the tanh approximation ({' or '.join(_TANH_GELUS)})")
-    refused = dict(scale_attn_weights=(False, "gptforge always scales attention by 1/sqrt(head size)"),
-                   scale_attn_by_inverse_layer_idx=(True, "gptforge does not scale attention by layer"),
-                   reorder_and_upcast_attn=(True, "gptforge has no reordered, upcast attention"),
-                   add_cross_attention=(True, "gptforge is decoder-only, without cross-attention"))
-    for key, (bad, why) in refused.items():
-        if hf[key] == bad:
-            raise GptforgeError(f"{where}: {key}={json.dumps(bad)} cannot be imported: {why}")
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", *(["n_inner"] if hf["n_inner"] else [])):
-        if not (isinstance(hf[key], int) and not isinstance(hf[key], bool) and hf[key] > 0):
-            raise GptforgeError(f"{where}: {key}: expected a positive integer, got {json.dumps(hf[key])[:60]}")
-    if not (isinstance(hf["layer_norm_epsilon"], (int, float)) and hf["layer_norm_epsilon"] > 0):
-        raise GptforgeError(f"{where}: layer_norm_epsilon: expected a positive number, "
-                            f"got {json.dumps(hf['layer_norm_epsilon'])[:60]}")
-    n_embd = hf["n_embd"]
-    n_inner = hf["n_inner"] or 4 * n_embd
-    model = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                 n_head=hf["n_head"], n_embd=n_embd, mlp_ratio=n_inner / n_embd, pos="learned",
-                 norm="layernorm", mlp="gelu", bias=True, tie_embeddings=bool(hf["tie_word_embeddings"]),
-                 qk_norm=False, zero_init_proj=False)
     try:
+        model = model_keys(hf)
         cfg = from_dict({"model": model, "run": {"dir": str(out)}}, source=str(where))
         check_fits(cfg.model, bytes_per_param=4, device="cpu", what="fp32 weights")
-    except ConfigError as e:
+    except (Unimportable, ConfigError) as e:
         raise GptforgeError(f"{where}: {e}") from None
-    if cfg.model.mlp_hidden != n_inner:
-        raise GptforgeError(f"{where}: n_inner={n_inner} is not expressible as model.mlp_ratio x n_embd={n_embd}")
-    eps = make_norm(cfg.model, 1).eps
-    if hf["layer_norm_epsilon"] != eps:
-        raise GptforgeError(f"{where}: layer_norm_epsilon={hf['layer_norm_epsilon']} cannot be imported: "
-                            f"gptforge's LayerNorm uses a fixed eps of {eps}")
-    return cfg
+    return FAMILIES[hf["model_type"]], cfg
 
 
 def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -169,49 +125,43 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _gptforge_state(tensors: dict[str, torch.Tensor], model: GPT, hf_dir: Path) -> dict[str, torch.Tensor]:
-    """HF tensors renamed, transposed and padded into `model`'s state_dict; refuses missing, stray or misshapen ones.
+def _gptforge_state(family: Family, tensors: dict[str, torch.Tensor], model: GPT,
+                    hf_dir: Path) -> dict[str, torch.Tensor]:
+    """HF tensors renamed, joined and padded into `model`'s state_dict; refuses missing, stray or misshapen ones.
 
-    Checkpoints saved from GPT2Model lack the `transformer.` prefix; the attention-mask buffers
+    GPT-2 checkpoints saved from GPT2Model lack the `transformer.` prefix; the attention-mask buffers
     (attn.bias, attn.masked_bias) of older saves are constants, rebuilt by gptforge's attention.
     """
     m = model.config
-    renamed = {}
-    for name, tensor in tensors.items():
-        name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-        if not name.endswith((".attn.bias", ".attn.masked_bias")):
-            renamed[name] = tensor
+    if family.model_type == "gpt2":
+        tensors = {(n if n.startswith(("transformer.", "lm_head.")) else f"transformer.{n}"): t
+                   for n, t in tensors.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
     if m.tie_embeddings:
-        renamed.pop("lm_head.weight", None)  # some saves store the tied head too
-    expected = _hf_names(m.n_layer, m.tie_embeddings)
-    missing = [n for n in expected if n not in renamed]
-    stray = sorted(set(renamed) - set(expected))
+        tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}  # some saves store the tied head too
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise GptforgeError(f"{hf_dir}: {name} is {t.dtype}, not floating point; gptforge imports "
+                                "unquantized weights (fp32, fp16 or bf16)")
+        if not torch.isfinite(t).all():
+            raise GptforgeError(f"{hf_dir}: {name} holds NaN or infinite values")
+    shapes = {n: tuple(t.shape) for n, t in to_hf(family, model.state_dict(), m).items()}  # what the family holds
+    missing, stray = [n for n in shapes if n not in tensors], sorted(set(tensors) - set(shapes))
     if missing or stray:
         raise GptforgeError(f"{hf_dir}: the weights do not match config.json"
                             + (f"; missing: {', '.join(missing[:8])}" if missing else "")
                             + (f"; unexpected: {', '.join(stray[:8])}" if stray else ""))
-    own = model.state_dict()
-    state = {}
-    for name in expected:
-        if not renamed[name].is_floating_point():
-            raise GptforgeError(f"{hf_dir}: {name} is {renamed[name].dtype}, not floating point; gptforge imports "
-                                "unquantized weights (fp32, fp16 or bf16)")
-        if not torch.isfinite(renamed[name]).all():
-            raise GptforgeError(f"{hf_dir}: {name} holds NaN or infinite values")
-        t = renamed[name].float()
-        t = t.t() if _is_conv1d(name) else t
-        want = own[name].shape
-        if name in _VOCAB_ROWS:
-            want = (m.vocab_size, *want[1:])
-        if t.shape != want:
-            raise GptforgeError(f"{hf_dir}: {name} has shape {tuple(renamed[name].shape)}, which does not match "
-                                "config.json (n_embd, n_inner, n_positions, vocab_size)")
-        if name in _VOCAB_ROWS:
-            t = torch.cat([t, t.new_zeros(m.padded_vocab_size - m.vocab_size, m.n_embd)])
-        state[name] = t.contiguous()
+    for name, want in shapes.items():
+        if tuple(tensors[name].shape) != want:
+            raise GptforgeError(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, which does not match "
+                                f"config.json (expected {want})")
+    state, _ = from_hf(family, {n: t.float() for n, t in tensors.items()}, m)
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # padded to a multiple of vocab_multiple rows
+        if name in state:
+            t = state[name]
+            state[name] = torch.cat([t, t.new_zeros(m.padded_vocab_size - m.vocab_size, m.n_embd)])
     if m.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+    return {n: t.contiguous() for n, t in state.items()}
 
 
 def _read_tokenizer(hf_dir: Path, vocab_size: int) -> Tokenizer | None:
@@ -233,72 +183,101 @@ def _read_tokenizer(hf_dir: Path, vocab_size: int) -> Tokenizer | None:
 # Export
 
 
-def export_hf(run: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """Write a run's model (newest intact checkpoint, or the checkpoint given) as a GPT2LMHeadModel folder.
+def export_hf(run: str | Path, out: str | Path, *, force: bool = False,
+              report: Callable[[str], None] = print) -> Path:
+    """Write a run's model (newest intact checkpoint, or the checkpoint given) as a folder of the transformers
+    family that computes it exactly (hf_families.choose); refused before anything is written when none does.
 
-    `out` gets config.json, model.safetensors and, when the run has a tokenizer, tokenizer.json with the
-    tokenizer_config.json and special_tokens_map.json that transformers.AutoTokenizer reads. Biases a
-    bias=False model lacks are written as zeros, which computes exactly the same function.
+    `out` gets config.json, model.safetensors (fp32) and, when the run has a tokenizer, tokenizer.json with the
+    tokenizer_config.json and special_tokens_map.json that transformers.AutoTokenizer reads. A quantized run
+    is exported dequantized (`report` says so); LoRA adapters come merged, as load_run gives them.
     """
     from gptforge.runs import load_run
 
     out = Path(out)
     _check_out(out, force)
-    loaded = load_run(run)
+    loaded = load_run(run, report=report)
+    family = exportable_family(loaded, report)
     m = loaded.config.model
-    _check_exportable(loaded.config, loaded.checkpoint)
-    state = loaded.model.state_dict()
-    tensors = {}
-    for name in _hf_names(m.n_layer, m.tie_embeddings):
-        t = state.get(name)
-        if t is None:  # a bias of a bias=False model
-            t = torch.zeros(state[name.removesuffix("bias") + "weight"].shape[0])
-        t = t.t() if _is_conv1d(name) else t
-        t = t[:m.vocab_size] if name in _VOCAB_ROWS else t
-        tensors[name] = t.detach().float().contiguous().cpu()
-
+    tensors = to_hf(family, plain_state(loaded, report), m)
     eot = loaded.tokenizer.eot_id if loaded.tokenizer is not None else None
-    config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=m.vocab_size,
-                  n_positions=m.block_size, n_ctx=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
-                  n_head=m.n_head, n_inner=m.mlp_hidden, activation_function="gelu_new",
-                  layer_norm_epsilon=loaded.model.transformer.ln_f.eps, resid_pdrop=m.dropout,
-                  attn_pdrop=m.dropout, embd_pdrop=0.0, initializer_range=0.02, scale_attn_weights=True,
-                  scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, use_cache=True,
-                  tie_word_embeddings=m.tie_embeddings, bos_token_id=eot, eos_token_id=eot)
-
     tmp = _fresh_tmp(out)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "config.json", hf_config(family, m, eot))
         if loaded.tokenizer is not None:
-            shutil.copyfile(loaded.checkpoint / "tokenizer.json", tmp / "tokenizer.json")
-            special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT)
-            _write_json(tmp / "special_tokens_map.json", special)
-            # PreTrainedTokenizerFast takes tokenizer.json as it is; GPT2TokenizerFast would assume GPT-2's
-            # pre-tokenizer, which a gptforge tokenizer need not have.
-            _write_json(tmp / "tokenizer_config.json", dict(
-                tokenizer_class="PreTrainedTokenizerFast", model_max_length=m.block_size,
-                clean_up_tokenization_spaces=False, **special))
-            _write_json(tmp / "generation_config.json", dict(bos_token_id=eot, eos_token_id=eot))
+            _write_tokenizer(loaded, tmp)
+            _write_json(tmp / "generation_config.json", dict(bos_token_id=eot, eos_token_id=_stop_ids(loaded)))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _check_exportable(cfg: Config, where: Path) -> None:
-    """Refuse, all at once, every model setting HF GPT-2 has no way to express."""
-    m = cfg.model
-    wrong = [(key, value, why) for key, value, ok, why in (
-        ("pos", m.pos, m.pos == "learned", "HF GPT-2 has learned absolute positions only, no rotary"),
-        ("norm", m.norm, m.norm == "layernorm", "HF GPT-2 normalizes with LayerNorm"),
-        ("mlp", m.mlp, m.mlp == "gelu", "HF GPT-2's MLP is GELU (tanh approximation)"),
-        ("qk_norm", m.qk_norm, not m.qk_norm, "HF GPT-2 attention has no QK-norm"),
-        ("logit_softcap", m.logit_softcap, m.logit_softcap == 0, "HF GPT-2 has no logit soft-capping"),
-    ) if not ok]
-    if wrong:
-        raise GptforgeError(f"{where}: cannot export to Hugging Face GPT-2: "
-                            + "; ".join(f"model.{k}={v!r} ({why})" for k, v, why in wrong))
+def exportable_family(loaded: LoadedRun, report: Callable[[str], None] = print) -> Family:
+    """The family that computes the run's model exactly, or a GptforgeError naming the switches that stop it.
+
+    Document masking (model.doc_token) is no switch of any family: within one document it computes plain
+    causal attention (rotary scores depend on distances only, and a document that starts the input starts at
+    position 0), so the export is exact on text that holds one document, as a prompt or a conversation does;
+    `report` says so."""
+    m = loaded.config.model
+    if m.arch != "gpt":
+        raise GptforgeError(f"{loaded.checkpoint}: model.arch={m.arch!r} cannot be exported; "
+                            "only model.arch=gpt maps to a Hugging Face family")
+    try:
+        family = choose(m)
+    except Unexportable as e:
+        raise GptforgeError(f"{loaded.checkpoint}: cannot export: {e}") from None
+    if getattr(m, "doc_token", -1) >= 0:
+        report(f"{loaded.checkpoint}: the model masks attention at token {m.doc_token} (document masking); the "
+               "export attends across documents, so it computes the same only on inputs holding one document "
+               f"(token {m.doc_token} first or absent), as a prompt or one conversation does")
+    return family
+
+
+def _stop_ids(loaded: LoadedRun) -> int | list[int]:
+    """Where generation stops: end-of-text, and for a run with a chat template <|end|> too."""
+    from gptforge.data.chat import ChatTemplate
+
+    template = ChatTemplate.from_tokenizer(loaded.tokenizer)
+    return loaded.tokenizer.eot_id if template is None else [template.end_id, loaded.tokenizer.eot_id]
+
+
+def plain_state(loaded: LoadedRun, report: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """The model's state_dict with quantized layers dequantized to fp32 weights (said through `report`)."""
+    from gptforge.adapt.qlinear import QuantLinear
+
+    state = dict(loaded.model.state_dict())
+    quantized = [(n, mod) for n, mod in loaded.model.named_modules() if isinstance(mod, QuantLinear)]
+    for name, module in quantized:
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            del state[key]
+        state[f"{name}.weight"] = module.dequantize(torch.float32)
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias
+    if quantized:
+        method = loaded.state.get("quantization", {}).get("method", "quantized")
+        report(f"{loaded.checkpoint}: {len(quantized)} {method} layers dequantized to fp32: the export computes "
+               "what the quantized run computes, at fp32 size")
+    return state
+
+
+def _write_tokenizer(loaded: LoadedRun, folder: Path) -> None:
+    """tokenizer.json as the run has it, and the config that makes AutoTokenizer a PreTrainedTokenizerFast
+    (GPT2TokenizerFast would assume GPT-2's pre-tokenizer, which a gptforge tokenizer need not have)."""
+    from gptforge.data.chat import END, JINJA_TEMPLATE, ChatTemplate
+
+    shutil.copyfile(loaded.checkpoint / "tokenizer.json", folder / "tokenizer.json")
+    chat = ChatTemplate.from_tokenizer(loaded.tokenizer) is not None
+    # a chat run's answer ends at <|end|>: generation stops there (generation_config.json lists it too)
+    special = dict(bos_token=EOT, eos_token=END if chat else EOT, unk_token=EOT)
+    _write_json(folder / "special_tokens_map.json", special)
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=loaded.config.model.block_size,
+                  clean_up_tokenization_spaces=False, **special)
+    if chat:
+        config["chat_template"] = JINJA_TEMPLATE
+    _write_json(folder / "tokenizer_config.json", config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,7 +321,8 @@ def run_import(args: argparse.Namespace) -> int:
     """`gptforge import-hf`: import, then say what was imported and whether a tokenizer came with it."""
     out = import_hf(args.hf_dir, args.out, force=args.force)
     m = load_config(out / "config.yaml").model
-    print(f"imported {args.hf_dir} -> {out}: GPT-2, {m.n_layer} x {m.n_embd}, {m.n_head} heads, context "
+    title = FAMILIES[_read_hf_config(Path(args.hf_dir))["model_type"]].title
+    print(f"imported {args.hf_dir} -> {out}: {title}, {m.n_layer} x {m.n_embd}, {m.n_head} heads, context "
           f"{m.block_size}, vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} head")
     if (out / "tokenizer.json").is_file():
         print(f"tokenizer: {out / 'tokenizer.json'}")
@@ -356,7 +336,8 @@ def run_export(args: argparse.Namespace) -> int:
     """`gptforge export-hf`: export, then say how to load the result."""
     out = export_hf(args.run_dir, args.out, force=args.force)
     files = sorted(p.name for p in out.iterdir())
-    print(f"exported {args.run_dir} -> {out}: {', '.join(files)}")
+    arch = json.loads((out / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    print(f"exported {args.run_dir} -> {out} as {arch}: {', '.join(files)}")
     if "tokenizer.json" not in files:
         print(f"no tokenizer: {args.run_dir} has no tokenizer.json, so none was exported")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -80,9 +80,13 @@ class ChatTemplate:
         ids, mask = [self.eot_id], [0]
         for message, content in zip(messages, contents):
             learn = int(train_on == "all" or message["role"] == "assistant")
-            ids += [self.role_ids[message["role"]], *content, self.end_id]
+            ids += self.turn(message["role"], content)
             mask += [int(train_on == "all"), *([learn] * len(content)), learn]
         return ids, mask
+
+    def turn(self, role: str, content: list[int]) -> list[int]:
+        """One message's ids: its role token, its content's ids, `<|end|>`."""
+        return [self.role_ids[role], *content, self.end_id]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The history rendered, then `<|assistant|>`: what an answer is generated from."""

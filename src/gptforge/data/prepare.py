@@ -10,6 +10,7 @@ data dir is always a finished one. Reading one back is `datadir.load_data_dir`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -280,11 +281,7 @@ def prepare(
     files = collect_files(inputs, exclude=out) if inputs else stdlib_files()
     if any(path.suffix.lower() == ".parquet" for path in files):
         parquet_module()  # fail now, not after training a tokenizer
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove_stale(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
-    tmp.mkdir(parents=True)
-    try:
+    with building(out, force) as tmp:
         # The tokenizer learns from the first piece of each long document: enough to learn its words,
         # and what the trainer holds then does not grow with the length of one document.
         first_reader = Reader(files, text_field, text_column, first_piece_only=True)
@@ -324,16 +321,33 @@ def prepare(
             },
             "inputs": list(inputs) or [f"builtin:{stdlib_dir()}"],
             "val_fraction": val_fraction,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "gptforge_version": _gptforge_version(),
         }
-        _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def building(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a data dir in: renamed into place when the block ends, removed
+    when it fails, so a folder named like a data dir is always a finished one."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove_stale(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had our pid
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         fsync_dir(tmp)
         _install(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """manifest.json, stamped with the time and gptforge's version, written durably."""
+    manifest.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    gptforge_version=_gptforge_version())
+    _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def _plan_split(reader: Reader, curator: Curator, tok: Tokenizer, val_fraction: float | None,
@@ -425,9 +439,11 @@ def builtin_data_dir(tokenizer: str = "bpe", vocab_size: int = 8192, progress: b
 
 def run_prepare(args: argparse.Namespace) -> int:
     """`gptforge prepare`: prepare, then print the summary; errors become one line and exit code 2."""
+    if args.format == "chat":
+        return _run_prepare_chat(args)
     try:
         manifest = prepare(
-            args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            args.inputs, args.out, tokenizer=args.tokenizer or "bpe", vocab_size=args.vocab_size,
             text_field=args.text_field, text_column=args.text_column, val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens, force=args.force, progress=not args.quiet, dedup=args.dedup,
             near_dup_threshold=args.near_dup_threshold, blocklist=args.blocklist, scrub_pii=args.scrub_pii,
@@ -440,6 +456,26 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"{args.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens")
     else:
         Console().print(summary_table(manifest, args.out))
+    return 0
+
+
+def _run_prepare_chat(args: argparse.Namespace) -> int:
+    from gptforge.data.prepare_chat import prepare_chat
+
+    try:
+        manifest = prepare_chat(args.inputs, args.out, tokenizer=args.tokenizer, train_on=args.train_on,
+                                max_tokens=args.max_tokens, val_fraction=args.val_fraction, force=args.force,
+                                progress=not args.quiet)
+    except GptforgeError as exc:
+        print(f"gptforge prepare: error: {exc}", file=sys.stderr)
+        return 2
+    splits, skipped = manifest["splits"], {k: v for k, v in manifest["skipped"].items() if v}
+    print(f"{args.out}: {splits['train']['documents']:,} train conversations ({splits['train']['tokens']:,} tokens) "
+          f"and {splits['val']['documents']:,} val ({splits['val']['tokens']:,} tokens), split by "
+          f"{manifest['chat']['split_by']}; loss on {manifest['chat']['train_on']} tokens")
+    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "none"))
+    for reason in skipped:
+        print(f"  {reason}: e.g. {', '.join(manifest['skipped_examples'][reason][:3])}")
     return 0
 
 

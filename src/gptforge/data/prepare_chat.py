@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from gptforge.data.chat import TRAIN_ON, ChatTemplate, with_chat_tokens
 from gptforge.data.conversations import BAD_REASONS, Tally, builtin_conversation, builtin_items, read_jsonl, split_of
 from gptforge.data.corpus import collect_files, stdlib_dir
 from gptforge.data.datadir import FORMAT, FORMAT_VERSION, SPLITS
-from gptforge.data.prepare import _check_output, _gptforge_version, _install, _remove_stale, _write_durably
+from gptforge.data.prepare import _check_output, _write_durably, building, write_manifest
 from gptforge.data.shards import MASK_SUFFIX, ShardWriter, read_header
 from gptforge.data.tokenizer import Tokenizer
 from gptforge.errors import DataError
-from gptforge.fileio import fsync_dir, sha256_file
+from gptforge.fileio import sha256_file
 from gptforge.progress import Progress
 
 DEFAULT_MAX_TOKENS = 256  # the default model's context (model.block_size)
@@ -50,11 +47,7 @@ def prepare_chat(inputs: list[str], out: str | Path, *, tokenizer: str | Path | 
     template = ChatTemplate(tok)
     files = collect_files(inputs, exclude=out) if inputs else []
     tally = Tally()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove_stale(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(out, force) as tmp:
         writers = {s: (ShardWriter(tmp, s, tok.vocab_size), ShardWriter(tmp, s, 2, suffix=MASK_SUFFIX))
                    for s in SPLITS}
         counts = dict.fromkeys(SPLITS, 0)
@@ -96,15 +89,8 @@ def prepare_chat(inputs: list[str], out: str | Path, *, tokenizer: str | Path | 
             "stats": {"files": len(files), "elapsed_s": round(time.perf_counter() - start, 3)},
             "inputs": list(inputs) or [f"builtin-chat:{stdlib_dir()}"],
             "val_fraction": val_fraction,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "gptforge_version": _gptforge_version(),
         }
-        _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        fsync_dir(tmp)
-        _install(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     return manifest
 
 

@@ -280,13 +280,31 @@ class Engine:
         """Run the engine in this thread until `request` ends, yielding its tokens as they come."""
         self.submit(request)
         seen = 0
-        while True:
-            while seen < len(request.tokens):
-                seen += 1
-                yield request.tokens[seen - 1]
-            if request.done.is_set():
+        try:
+            while True:
+                while seen < len(request.tokens):
+                    seen += 1
+                    yield request.tokens[seen - 1]
+                if request.done.is_set():
+                    return
+                self.step()
+        finally:
+            if not request.done.is_set():  # the caller stopped early (Ctrl-C, or it closed the generator)
+                self._abandon(request)
+
+    def _abandon(self, request: Request) -> None:
+        """End `request` now, from the thread that runs the engine. Its slot forgets what it cached: a step
+        cut short (KeyboardInterrupt inside a forward) may have left its cache half written."""
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+        for slot in self.slots:
+            if slot.request is request:
+                self._finish(slot, "cancelled")
+                slot.keep(0)
                 return
-            self.step()
+        request.finish_reason = "cancelled"
+        self._notify_finish(request)
 
     @torch.no_grad()
     def step(self) -> None:

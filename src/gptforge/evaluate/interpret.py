@@ -98,7 +98,7 @@ def _forward_with_hooks(model: GPT, idx: torch.Tensor) -> dict:
         return captured["embeddings"]
 
     def attention_input(module, args):
-        x, rope, _cache = args
+        x, rope = args[0], args[1]  # then the cache and the mask (None: one causal document)
         captured["attn"].append((module, x.detach(), rope))
 
     def block_input(module, args):

@@ -127,6 +127,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.rotary = apply_rotary  # (x, cos, sin) -> x rotated; gptforge.kernels may swap in a fused kernel
+        self.flex = flex_attention  # (q, k, v, block_mask) -> y; gptforge.train.techniques may compile it
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,6 +145,9 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hd)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask
+            y = self.flex(q, k, v, block_mask=mask)  # (B, nh, T, hd)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         if mask is None and past > 0 and T > 1:
             mask = causal_mask(T, past, x.device)  # (T, past + T)
         # No mask and past == 0: plain causal attention. One new token (T == 1) may attend to everything cached.
@@ -178,14 +182,39 @@ def document_mask(idx: torch.Tensor, doc_token: int, cache: KVCache | None) -> t
         keys = cache.doc[:, :past + T]  # (B, past + T)
     else:
         keys = doc
-    index = torch.arange(past + T, device=idx.device)
-    starts = torch.cat([keys.new_ones(B, 1, dtype=torch.bool), keys[:, 1:] != keys[:, :-1]], dim=1)  # (B, S)
-    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, S) where each token's document starts
-    positions = (index - first)[:, past:]  # (B, T)
+    positions = _positions_in_documents(keys)[:, past:]  # (B, T)
     if not torch.compiler.is_compiling() and bool((keys == keys[:, :1]).all()):  # a host sync; compile skips it
         return None, positions
     same = doc[:, :, None] == keys[:, None, :]  # (B, T, past + T)
     return (same & causal_mask(T, past, idx.device))[:, None], positions  # (B, 1, T, past + T)
+
+
+def _positions_in_documents(doc: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> each token's position within its document."""
+    index = torch.arange(doc.size(1), device=doc.device)
+    starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], dim=1)
+    return index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, S)
+
+
+def flex_document_mask(idx: torch.Tensor, doc_token: int) -> tuple[object, torch.Tensor]:
+    """document_mask as a flex-attention BlockMask, for a forward without a cache: blocks of 128 x 128
+    positions where no query sees a key are skipped, instead of an SDPA mask of B x T x T booleans."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = idx.shape
+    doc = (idx == doc_token).long().cumsum(1)  # (B, T)
+
+    def same_document(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document, B, None, T, T, device=idx.device), _positions_in_documents(doc)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """PyTorch's flex attention, eager (a reference; gptforge.train.techniques compiles it on a GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return flex(q, k, v, block_mask=block_mask)
 
 
 class _ReLUSquared(torch.autograd.Function):
@@ -346,6 +375,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # (model, hidden, targets, reduction) -> loss, set from outside (gptforge.kernels) to replace loss().
         self.head_loss = None
+        # Document masking through flex attention instead of an SDPA mask; set from outside
+        # (gptforge.train.techniques, on a GPU), used for forwards without a cache.
+        self.flex_documents = False
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, and residual output projections scaled by 1/sqrt(2 * n_layer)
@@ -389,7 +421,9 @@ class GPT(nn.Module):
                              f"max_len={cache.max_len} holding {past} positions")
 
         mask = positions = None
-        if self.config.doc_token >= 0:
+        if self.config.doc_token >= 0 and self.flex_documents and cache is None:
+            mask, positions = flex_document_mask(idx, self.config.doc_token)  # BlockMask, (B, T)
+        elif self.config.doc_token >= 0:
             mask, positions = document_mask(idx, self.config.doc_token, cache)  # (B, 1, T, past + T), (B, T)
         x, rope = self.positions.encode(self, self.transformer.wte(idx), past, positions)  # (B, T, C); rotary or None
         for block in self.transformer.h:

@@ -10,7 +10,8 @@ the ones before it built:
      3. adapters        LoRA and quantization-aware training (adapt/lora.py, adapt/qat.py)
         kernels         fused RMSNorm / RoPE and the chunked cross-entropy (kernels/)
         noise           NEFTune on the input embeddings (adapt/neftune.py)
-     4. device          the model moves to train.device (its own GPU per process under torchrun)
+     4. device          the model moves to train.device (its own GPU per process under torchrun); on a GPU,
+                        document masking attends through compiled flex attention (train/techniques.py)
      5. fp8, activation checkpointing                (train/techniques.py)
      6. batch size      train.batch_size=auto, found on the model as it will train (train/batch_finder.py)
      7. distribute      DDP or fully_shard under torchrun (parallel/distribute.py)
@@ -49,7 +50,8 @@ from gptforge.train.guard import Guard
 from gptforge.train.optim import build_optimizer
 from gptforge.train.resume import Resume, check_same_run, restore
 from gptforge.train.step import Stepper, sparsity_masks
-from gptforge.train.techniques import apply_activation_checkpointing, apply_compile, apply_fp8
+from gptforge.train.techniques import (apply_activation_checkpointing, apply_compile, apply_flex_documents,
+                                       apply_fp8)
 
 
 @dataclass
@@ -100,6 +102,7 @@ def build(cfg: Config, world: World, *, resume: Resume | None = None, data: Data
     apply_adapters(raw_model, cfg)                                                     # 3. adapters, kernels, noise
     _apply_kernels_and_noise(raw_model, cfg)
     raw_model.to(device)                                                               # 4. device
+    apply_flex_documents(raw_model, device)
     if cfg.speed.fp8:                                                                  # 5. fp8, checkpointing
         apply_fp8(raw_model, device)
     apply_activation_checkpointing(raw_model, cfg.speed.activation_checkpointing)

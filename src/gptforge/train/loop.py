@@ -413,7 +413,12 @@ class Run:
             sampler.to(t.device)
         if not world.is_main:
             return []
-        texts = sample_texts(sampler, t.data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
+        if t.data.chat:  # a chat run answers validation questions instead of starting documents
+            from gptforge.evaluate.chat import answer_samples
+
+            texts = answer_samples(sampler, t.data, cfg.train.samples, cfg.train.sample_tokens)
+        else:
+            texts = sample_texts(sampler, t.data.tokenizer, cfg.train.samples, cfg.train.sample_tokens, cfg.run.seed)
         with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"step": self.state.step, "sample": text}) + "\n" for text in texts)
         for i, text in enumerate(texts):

@@ -4,6 +4,8 @@
     activation checkpointing recompute transformer blocks in the backward pass instead of keeping their
                              activations (speed.activation_checkpointing).
     fp8                      torchao's float8 training linear layers (speed.fp8), on Hopper / Ada GPUs.
+    flex document masking    on a GPU, a model with document masking attends through compiled flex attention
+                             (block-sparse: blocks with no visible key are skipped) instead of an SDPA mask.
 
 The builder (train/builder.py) applies them in torchtitan's order: fp8 -> activation checkpointing ->
 (distribute: DDP / fully_shard) -> compile. None of them renames a parameter: checkpoints load into a model
@@ -26,6 +28,23 @@ def apply_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> n
     if not enabled:
         return model
     return torch.compile(model, mode=None if mode in (None, "default") else mode)
+
+
+def apply_flex_documents(model: nn.Module, device: torch.device) -> None:
+    """On CUDA, route a document-masked GPT's attention through flex attention, compiled once per process
+    (eager flex attention materializes the whole score matrix). Elsewhere the SDPA mask stays: CPUs have no
+    fused flex kernel to gain from. A model with attention dropout keeps the SDPA mask too (flex attention
+    has no dropout)."""
+    config = getattr(model, "config", None)
+    if device.type != "cuda" or getattr(config, "doc_token", -1) < 0 or getattr(config, "dropout", 0.0) > 0:
+        return
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    model.flex_documents = True
+    for module in model.modules():
+        if hasattr(module, "flex"):
+            module.flex = lambda q, k, v, block_mask: compiled(q, k, v, block_mask=block_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
