@@ -205,7 +205,7 @@ def main() -> int:
           f"errors {verdict['errors']}; targets {'met' if verdict['met'] else 'NOT met'}")
     record = {"benchmark": "serve", "model": MODEL_KEYS, "tokens_per_request": args.tokens,
               "requests_per_level": args.requests, "transformers_tokens_per_s": hf_tps, "levels": levels,
-              "verdict": verdict, "environment": environment()}
+              "verdict": verdict, "environment": environment(torch.device("cpu"), "fp32", 1)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.json}")

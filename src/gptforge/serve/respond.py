@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,20 +38,54 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
+class Dispatcher:
+    """Carries engine events to the event loop with one wake-up per batch, not one per token: the engine
+    thread appends (queue, event) pairs, and the first append since the last drain schedules the drain.
+    (A wake-up per token per request costs the engine thread the GIL once each, many times a step.)"""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+def dispatcher(server) -> Dispatcher:
+    loop = asyncio.get_running_loop()
+    current = getattr(server, "_dispatcher", None)
+    if current is None or current.loop is not loop:
+        current = server._dispatcher = Dispatcher(loop)
+    return current
+
+
 class Run:
     """A Job in flight: the engine request, its events, its text and its figures."""
 
     def __init__(self, job: Job, server, http_request):
         self.job, self.server, self.http = job, server, http_request
-        self.loop = asyncio.get_running_loop()
+        post = dispatcher(server).post
         self.events: asyncio.Queue = asyncio.Queue()
         self.first_token: float | None = None
         served = job.served
         self.text = TextStream(served.tokenizer, job.stop, server.safety if job.stream else None)
         self.request = Request(job.prompt, job.max_tokens, job.sampling, job.stop_ids,
                                context_keep=max(1, served.block_size // 2),
-                               on_token=lambda t: self.loop.call_soon_threadsafe(self.events.put_nowait, ("token", t)),
-                               on_finish=lambda r: self.loop.call_soon_threadsafe(self.events.put_nowait, ("end", r)),
+                               on_token=lambda t: post(self.events, ("token", t)),
+                               on_finish=lambda r: post(self.events, ("end", r)),
                                on_prompt=server.drift.observe)
         self.finish_reason = None
         self.verdict = None
