@@ -262,15 +262,33 @@ class Engine:
     def idle(self) -> bool:
         return not self._waiting and self.active == 0
 
-    def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
-        """Step until `stop` is set; sleep on the queue while there is nothing to do."""
+    def run(self, stop: threading.Event, idle_wait: float = 0.05, report: Callable[[str], None] = print) -> None:
+        """Step until `stop` is set; sleep on the queue while there is nothing to do. A step that raises
+        ends every request it held with finish reason "error" (none is left waiting forever) and the
+        engine goes on with the next ones."""
         while not stop.is_set():
             if self.idle():
                 with self._lock:
                     if not self._waiting:
                         self._lock.wait(idle_wait)
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - reported, and the requests told
+                report(f"generation step failed: {type(e).__name__}: {e}")
+                self.fail_all()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """End every request, running or waiting, with `reason`; the slots forget their caches."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for slot in self.slots:
+            slot.keep(0)
+            if slot.request is not None:
+                self._finish(slot, reason)
+        for request in waiting:
+            request.finish_reason = reason
+            self._notify_finish(request)
 
     def wake(self) -> None:
         with self._lock:

@@ -204,6 +204,11 @@ async def respond_whole(job: Job, server, http_request) -> dict:
     except BaseException:
         run.finish(499)
         raise
+    if run.request.finish_reason == "error":
+        run.finish(500)
+        from gptforge.serve.api import APIError
+
+        raise APIError(500, "generation failed (see the server's log)", type="server_error")
     text = run.finish(200)
     body = _envelope(run, [_choice(job, text, run.reason(), delta=False)], chunk=False)
     body["usage"] = run.usage()
@@ -226,6 +231,11 @@ async def respond_stream(job: Job, server, http_request):
                 yield sse(_envelope(run, [_choice(job, piece, None, delta=True)], chunk=True))
             if done:
                 break
+        if run.request.finish_reason == "error":
+            status = 500
+            yield sse({"error": {"message": "generation failed (see the server's log)", "type": "server_error",
+                                 "param": None, "code": None}})
+            return
         yield sse(_envelope(run, [_choice(job, None if job.endpoint == "chat" else "", run.reason(), delta=True)],
                             chunk=True))
         if job.include_usage:
