@@ -20,7 +20,7 @@ def test_a_key_is_shown_once_and_stored_as_a_salted_hash_in_a_private_file(tmp_p
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     text = path.read_text()
-    assert key.split("-")[2] not in text and other.split("-")[2] not in text
+    assert key.split("-", 2)[2] not in text and other.split("-", 2)[2] not in text
     entries = read_keys(path)
     assert [e.name for e in entries] == ["alice", "bob"] and entries[1].rpm == 5
     assert entries[0].salt != entries[1].salt
