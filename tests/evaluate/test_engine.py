@@ -119,3 +119,32 @@ def test_bad_requests_are_refused_with_a_message():
         engine.submit(Request([1], 3, Sampling(top_p=1.5)))
     with pytest.raises(ValueError, match="context_keep"):
         engine.submit(Request([1], 3, context_keep=BLOCK))
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on():
+    import threading
+
+    model = tiny_model()
+    engine = Engine(model, slots=2)
+    broken = {"on": True}
+    decode = engine._decode
+
+    def flaky(slots):
+        if broken["on"]:
+            raise RuntimeError("simulated failure")
+        return decode(slots)
+
+    engine._decode = flaky
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), kwargs={"report": lambda m: None}, daemon=True)
+    thread.start()
+    try:
+        first = engine.submit(Request([1, 2], 5, Sampling(0.0)))
+        assert first.done.wait(30) and first.finish_reason == "error"
+        broken["on"] = False
+        second = engine.submit(Request([1, 2], 5, Sampling(0.0)))
+        assert second.done.wait(30) and second.tokens == generate(model, [1, 2], 5, temperature=0.0)
+    finally:
+        stop.set()
+        engine.wake()
+        thread.join(10)

@@ -20,7 +20,7 @@ def test_a_key_is_shown_once_and_stored_as_a_salted_hash_in_a_private_file(tmp_p
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     text = path.read_text()
-    assert key.split("-")[2] not in text and other.split("-")[2] not in text
+    assert key.split("-", 2)[2] not in text and other.split("-", 2)[2] not in text
     entries = read_keys(path)
     assert [e.name for e in entries] == ["alice", "bob"] and entries[1].rpm == 5
     assert entries[0].salt != entries[1].salt
@@ -99,3 +99,23 @@ def test_streamed_text_is_masked_by_the_safety_filter_even_across_pieces():
     stream = TextStream(ByteTokenizer(), [], blocked)
     out = "".join(feed(stream, text))
     assert "hunter" not in out and "withheld" in out and stream.blocked
+
+
+def test_the_drift_watch_logs_when_prompts_leave_the_band_and_when_they_return(tmp_path):
+    import math
+
+    pytest.importorskip("prometheus_client")
+    from gptforge.serve.monitor import AuditLog, DriftWatch, Metrics
+
+    metrics = Metrics(lambda: 0, lambda: 0, 4)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    drift = DriftWatch(val_ppl=20.0, band=2.0, metrics=metrics, audit=audit, window=1000, min_tokens=100)
+    drift.observe(math.log(25.0) * 200, 200)  # in band: 25 / 20
+    drift.observe(math.log(400.0) * 2000, 2000)  # far out: the window now holds only these
+    drift.observe(math.log(18.0) * 1000, 1000)  # back in
+    events = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert events == ["drift_out_of_band", "drift_back_in_band"]
+    values = dict(line.split() for line in metrics.render().decode().splitlines()
+                  if line.startswith(("gptforge_drift", "gptforge_validation")))
+    assert float(values["gptforge_drift_perplexity"]) == pytest.approx(18.0)
+    assert float(values["gptforge_validation_perplexity"]) == 20.0 and values["gptforge_drift_out_of_band"] == "0.0"

@@ -168,5 +168,94 @@ def test_metrics_and_the_audit_log_tell_what_happened(api):
     lines = audit_lines(api)
     assert {x["key"] for x in lines if "endpoint" in x} >= {"alice", "limited"}
     raw = api.audit.read_text()
-    assert all(key.split("-")[2] not in raw for key in api.keys.values())  # names only, never a key
+    assert all(key.split("-", 2)[2] not in raw for key in api.keys.values())  # names only, never a key
     assert all(x["prompt_tokens"] >= 1 and x["latency_s"] > 0 for x in lines if x.get("status") == 200)
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands on
+    its fd 3, answers on its fd 4, each message JSON ended by a NUL byte)."""
+
+    def __init__(self, profile):
+        import os
+
+        to_chrome, self._w = os.pipe()
+        self._r, from_chrome = os.pipe()
+        self._buffer, self._id = b"", 0
+
+        flags = ("--headless --no-sandbox --disable-gpu --remote-debugging-pipe --no-first-run "
+                 "--disable-background-networking --disable-component-update --disable-sync")
+        self.proc = subprocess.Popen(  # the shell puts the two pipe ends where chromium looks for them
+            ["bash", "-c", f'exec chromium {flags} --user-data-dir="$0" about:blank 3<&{to_chrome} 4>&{from_chrome}',
+             str(profile)], pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method, session=None, timeout=30.0, **params):
+        import os
+        import select
+
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if session or getattr(self, "session", None):
+            message["sessionId"] = session or self.session
+        os.write(self._w, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            if not select.select([self._r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"chromium did not answer {method}")
+            self._buffer += os.read(self._r, 1 << 20)
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result["result"].get("value")
+
+    def wait(self, expression, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(expression)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs Debian's chromium on PATH")
+def test_the_chat_page_types_sends_and_shows_the_streamed_answer(api, tmp_path):
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.call("Page.navigate", url=api.url + "/")
+        browser.wait("document.readyState === 'complete' && !!document.getElementById('send')")
+        browser.js("document.getElementById('key').focus()")
+        browser.call("Input.insertText", text=api.keys["alice"])  # typed, as a user would
+        browser.js("document.getElementById('temperature').value = '0'")
+        browser.js("document.getElementById('prompt').focus()")  # the key box's change event fires on blur
+        browser.call("Input.insertText", text="def parse(text):")
+        browser.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        # The answer grows while it streams: seen part-way, then complete
+        partial = browser.wait("(() => { const a = document.querySelector('.msg.assistant');"
+                               " return a && a.textContent.length > 0 ? a.textContent : null })()")
+        answer = browser.wait("(() => { const a = document.querySelector('.msg.assistant');"
+                              " return a && a.dataset.done ? a.textContent : null })()")
+        errors = browser.js("Array.from(document.querySelectorAll('.msg.error')).map(e => e.textContent)")
+    finally:
+        browser.close()
+    assert errors == []
+    assert answer.startswith(partial)
+    expected = client(api).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "def parse(text):"}],
+                                                   max_tokens=200, temperature=0).choices[0].message.content
+    assert answer == expected
+    assert browser.proc.returncode is not None

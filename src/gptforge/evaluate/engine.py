@@ -147,11 +147,16 @@ class RowCache:
         self._decode = False
 
     def select_prefill(self, row: int, start: int) -> None:
-        self._row, self._start, self._decode = row, start, False
+        self._row, self._start, self._decode, self.pos = row, start, False, 0
 
-    def select_decode(self, hi: int, cols: torch.Tensor, span: int) -> None:
+    def select_decode(self, hi: int, cols: torch.Tensor, span: int, single: int | None = None) -> None:
+        """`single`: one row decoding at that column, with no mask: plain slices, and `pos` set to it so
+        attention lets the one new query see every key returned (the single-stream fast path)."""
         self._row, self._start, self._span, self._decode = hi, cols, span, True
-        self._index = torch.arange(hi, device=self.device)
+        self._single = single
+        self.pos = 0 if single is None else single
+        if single is None:
+            self._index = torch.arange(hi, device=self.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hd) of the selected rows; return what they attend over."""
@@ -161,6 +166,11 @@ class RowCache:
             self.v[layer, row:row + 1, :, self._start:end] = v
             return (self.k[layer, row:row + 1, :, :end].to(k.dtype),
                     self.v[layer, row:row + 1, :, :end].to(v.dtype))  # (1, nh, end, hd)
+        if self._single is not None:  # one row at one column: slices, no index tensors
+            col = self._single
+            self.k[layer, 0, :, col] = k[0, :, 0]
+            self.v[layer, 0, :, col] = v[0, :, 0]
+            return self.k[layer, :1, :, :col + 1].to(k.dtype), self.v[layer, :1, :, :col + 1].to(v.dtype)
         # decode: row b's one new key goes to column cols[b]; indexing (b, :, cols[b]) picks (hi, nh, hd)
         self.k[layer, self._index, :, self._start] = k[:, :, 0]
         self.v[layer, self._index, :, self._start] = v[:, :, 0]
@@ -262,15 +272,33 @@ class Engine:
     def idle(self) -> bool:
         return not self._waiting and self.active == 0
 
-    def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
-        """Step until `stop` is set; sleep on the queue while there is nothing to do."""
+    def run(self, stop: threading.Event, idle_wait: float = 0.05, report: Callable[[str], None] = print) -> None:
+        """Step until `stop` is set; sleep on the queue while there is nothing to do. A step that raises
+        ends every request it held with finish reason "error" (none is left waiting forever) and the
+        engine goes on with the next ones."""
         while not stop.is_set():
             if self.idle():
                 with self._lock:
                     if not self._waiting:
                         self._lock.wait(idle_wait)
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - reported, and the requests told
+                report(f"generation step failed: {type(e).__name__}: {e}")
+                self.fail_all()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """End every request, running or waiting, with `reason`; the slots forget their caches."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for slot in self.slots:
+            slot.keep(0)
+            if slot.request is not None:
+                self._finish(slot, reason)
+        for request in waiting:
+            request.finish_reason = reason
+            self._notify_finish(request)
 
     def wake(self) -> None:
         with self._lock:
@@ -419,9 +447,11 @@ class Engine:
             self.cache.doc[torch.arange(hi, device=dev), cols_t] = docs_t
             visible &= self.cache.doc[:hi, :span] == docs_t[:, None]
             in_doc = cols_t - torch.tensor(starts, device=dev)
-        self.cache.select_decode(hi, cols_t, span)
+        single = cols[0] if hi == 1 and self.doc_token < 0 and cols[0] > 0 else None
+        self.cache.select_decode(hi, cols_t, span, single)
         idx = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]  # (hi, 1)
-        logits = self._forward(idx, cols_t[:, None], in_doc[:, None], visible[:, None, None])[:, -1]  # (hi, V)
+        mask = None if single is not None else visible[:, None, None]  # (hi, 1, 1, span)
+        logits = self._forward(idx, cols_t[:, None], in_doc[:, None], mask)[:, -1]  # (hi, V)
         self.steps += 1
         greedy = [s for s in slots if s.request.sampling.temperature == 0]
         if greedy:

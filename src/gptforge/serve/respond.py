@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,20 +38,54 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
+class Dispatcher:
+    """Carries engine events to the event loop with one wake-up per batch, not one per token: the engine
+    thread appends (queue, event) pairs, and the first append since the last drain schedules the drain.
+    (A wake-up per token per request costs the engine thread the GIL once each, many times a step.)"""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+def dispatcher(server) -> Dispatcher:
+    loop = asyncio.get_running_loop()
+    current = getattr(server, "_dispatcher", None)
+    if current is None or current.loop is not loop:
+        current = server._dispatcher = Dispatcher(loop)
+    return current
+
+
 class Run:
     """A Job in flight: the engine request, its events, its text and its figures."""
 
     def __init__(self, job: Job, server, http_request):
         self.job, self.server, self.http = job, server, http_request
-        self.loop = asyncio.get_running_loop()
+        post = dispatcher(server).post
         self.events: asyncio.Queue = asyncio.Queue()
         self.first_token: float | None = None
         served = job.served
         self.text = TextStream(served.tokenizer, job.stop, server.safety if job.stream else None)
         self.request = Request(job.prompt, job.max_tokens, job.sampling, job.stop_ids,
                                context_keep=max(1, served.block_size // 2),
-                               on_token=lambda t: self.loop.call_soon_threadsafe(self.events.put_nowait, ("token", t)),
-                               on_finish=lambda r: self.loop.call_soon_threadsafe(self.events.put_nowait, ("end", r)),
+                               on_token=lambda t: post(self.events, ("token", t)),
+                               on_finish=lambda r: post(self.events, ("end", r)),
                                on_prompt=server.drift.observe)
         self.finish_reason = None
         self.verdict = None
@@ -69,27 +104,36 @@ class Run:
         self.job.served.engine.submit(self.request)
         try:
             while True:
-                kind, value = await self.events.get()
-                if kind == "end":
-                    self.finish_reason = self.finish_reason or value
-                    yield self.text.finish(), True
-                    return
-                if self.first_token is None:
-                    self.first_token = time.perf_counter()
-                    self.server.metrics.ttft.labels(self.job.endpoint).observe(self.first_token - self.job.started)
-                self.server.metrics.generated()
-                if value in self.job.stop_ids:
-                    continue
-                piece = self.text.push(value)
-                if self.text.stopped and self.finish_reason is None:
-                    self.finish_reason = "content_filter" if self.text.blocked else "stop"
-                    self.request.cancel("stop")
-                if piece:
-                    yield piece, False
+                # Everything queued since the last wake-up goes out as one piece: under load, fewer events
+                events = [await self.events.get()]
+                while not self.events.empty():
+                    events.append(self.events.get_nowait())
+                pieces = []
+                for kind, value in events:
+                    if kind == "end":
+                        self.finish_reason = self.finish_reason or value
+                        yield "".join(pieces) + self.text.finish(), True
+                        return
+                    pieces.append(self._token(value))
+                if any(pieces):
+                    yield "".join(pieces), False
         finally:
             watcher.cancel()
             if not self.request.done.is_set():
                 self.request.cancel()
+
+    def _token(self, token: int) -> str:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self.server.metrics.ttft.labels(self.job.endpoint).observe(self.first_token - self.job.started)
+        self.server.metrics.generated()
+        if token in self.job.stop_ids:
+            return ""
+        piece = self.text.push(token)
+        if self.text.stopped and self.finish_reason is None:
+            self.finish_reason = "content_filter" if self.text.blocked else "stop"
+            self.request.cancel("stop")
+        return piece
 
     def finish(self, status: int) -> str:
         """Safety counts, limits, metrics and the audit line, once the response is complete (or abandoned);
@@ -160,6 +204,11 @@ async def respond_whole(job: Job, server, http_request) -> dict:
     except BaseException:
         run.finish(499)
         raise
+    if run.request.finish_reason == "error":
+        run.finish(500)
+        from gptforge.serve.api import APIError
+
+        raise APIError(500, "generation failed (see the server's log)", type="server_error")
     text = run.finish(200)
     body = _envelope(run, [_choice(job, text, run.reason(), delta=False)], chunk=False)
     body["usage"] = run.usage()
@@ -182,6 +231,11 @@ async def respond_stream(job: Job, server, http_request):
                 yield sse(_envelope(run, [_choice(job, piece, None, delta=True)], chunk=True))
             if done:
                 break
+        if run.request.finish_reason == "error":
+            status = 500
+            yield sse({"error": {"message": "generation failed (see the server's log)", "type": "server_error",
+                                 "param": None, "code": None}})
+            return
         yield sse(_envelope(run, [_choice(job, None if job.endpoint == "chat" else "", run.reason(), delta=True)],
                             chunk=True))
         if job.include_usage:

@@ -47,7 +47,7 @@ class TextStream:
         cut = len(self.text) - tail
         if self.holdback and cut > self.released:
             space = max(self.text.rfind(" ", self.released, cut), self.text.rfind("\n", self.released, cut))
-            cut = space + 1 if space >= 0 else self.released
+            cut = space + 1 if space >= 0 else cut  # no word break in sight: release up to the held tail
         return self._release(cut) if cut > self.released else ""
 
     def finish(self) -> str:
@@ -60,7 +60,11 @@ class TextStream:
         if self.safety is None:
             out, self.released = self.text[self.released:cut], cut
             return out
-        verdict = self.safety.check(self.text[:cut] if cut == len(self.text) else self.text)
+        # Only text near what is released can hold a new match: check from a window before it, not from
+        # the start (the whole answer is checked once more at the end, for the counts and the audit).
+        base = max(0, self.released - 4 * HOLDBACK)
+        verdict = self.safety.check(self.text[base:cut] if cut == len(self.text) else self.text[base:])
+        verdict.spans = [(start + base, end + base, category) for start, end, category in verdict.spans]
         if verdict.blocked:
             self.stopped = self.blocked = True
             refusal = self.safety.refusal.replace("{categories}", ", ".join(sorted(verdict.categories)))
