@@ -289,6 +289,7 @@ def measure_train_step(device: torch.device, precision: str, quick: bool) -> dic
     from gptforge.data.shards import read_header, write_shard
     from gptforge.model.flops import flops_per_token
     from gptforge.parallel.world import World
+    from gptforge.observe.family_probe import time_steps
     from gptforge.train.builder import build
 
     cfg = load_config(None, [f"train.device={device}", f"speed.precision={precision}", "train.batch_size=16",
@@ -299,24 +300,15 @@ def measure_train_step(device: torch.device, precision: str, quick: bool) -> dic
         write_shard(shard, np.random.default_rng(0).integers(0, vocab, tokens), vocab)
         data = DataDir(Path(folder), [read_header(shard)], [], None, vocab, None)
         t = build(cfg, World(), data=data, report=lambda msg: None)
-        try:
-            times = []
-            for i in range(3):
-                start = time.perf_counter()
-                t.stepper.step(t.loader.next_step(), 1.0, i + 1)
-                synchronize(t.device)
-                if i:
-                    times.append(time.perf_counter() - start)
-        finally:
-            t.close()
+        step_s = time_steps(t)
     m = t.cfg.model
     return {
         "model": f"{m.n_layer} x {m.n_embd}, {m.n_head} heads, context {m.block_size}, vocab {m.vocab_size}",
         "batch_size": t.cfg.train.batch_size,
         "precision": t.precision.name,
         "optimizer": t.cfg.optim.name,
-        "step_s": min(times),
-        "tokens_per_sec": t.cfg.tokens_per_step() / min(times),
+        "step_s": step_s,
+        "tokens_per_sec": t.cfg.tokens_per_step() / step_s,
         "flops_per_token": flops_per_token(m),
     }
 

@@ -15,7 +15,9 @@ import torch
 from gptforge.runtime import synchronize
 
 
-def _time_steps(t) -> float:
+def time_steps(t) -> float:
+    """The fastest of a built trainee's second and third training steps (the first warms up), in seconds;
+    the trainee is closed after."""
     times = []
     try:
         for i in range(3):
@@ -49,7 +51,7 @@ def measure_family_steps(device: torch.device, precision: str, quick: bool) -> d
         write_shard(shard, rng.integers(0, cfg.data.vocab_size, 16 * (cfg.model.block_size + 1) * 4), cfg.data.vocab_size)
         data = DataDir(Path(folder), [read_header(shard)], [], None, cfg.data.vocab_size, None)
         t = build(cfg, World(), data=data, report=lambda msg: None)
-        step = _time_steps(t)
+        step = time_steps(t)
     m = t.cfg.model
     out["lstm"] = {"model": f"lstm {m.n_layer} x {m.n_embd}, context {m.block_size}", "batch_size": 16, "step_s": step,
                    "tokens_per_sec": t.cfg.tokens_per_step() / step}
@@ -58,7 +60,7 @@ def measure_family_steps(device: torch.device, precision: str, quick: bool) -> d
     labels = rng.integers(0, 10, 512)
     data = ImageData("random images", images, labels, images[:128], labels[:128], [str(c) for c in range(10)])
     t = build(cfg, World(), data=data, report=lambda msg: None)
-    step = _time_steps(t)
+    step = time_steps(t)
     m = t.cfg.model
     out["cnn"] = {"model": f"resnet width {m.cnn_width}, {m.cnn_stages} stages, 32x32x3", "batch_size": 128,
                   "step_s": step, "tokens_per_sec": t.cfg.tokens_per_step() / step}
