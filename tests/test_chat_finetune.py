@@ -153,11 +153,12 @@ class Terminal:
 
     def __init__(self, name: str, command: list[str]):
         self.name = name
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", *command], check=True)
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "400", "-y", "50", *command], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-200", "-t", self.name], capture_output=True,
-                              text=True).stdout
+        """What the terminal shows, wrapped lines joined (-J), so a word is never cut at the right edge."""
+        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t", self.name],
+                              capture_output=True, text=True).stdout
 
     def keys(self, *keys: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
