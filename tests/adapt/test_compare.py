@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import random_weights_run
+from support import random_weights_run
 
 from gptforge.adapt.compare import FIELDS, compare, run_compare
 from gptforge.adapt.prune import prune_run

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from conftest import random_weights_run
+from support import random_weights_run
 
 import gptforge
 from gptforge.adapt.lora import apply_lora

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import random_weights_run
+from support import random_weights_run
 
 from gptforge.evaluate.generate import generate
 from gptforge.evaluate.tasks import item_requests, loglikelihoods, read_jsonl_task, score_task

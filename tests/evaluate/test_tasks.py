@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import random_weights_run
+from support import random_weights_run
 
 from gptforge.cli import main
 from gptforge.data.tokenizer import Tokenizer
