@@ -1,16 +1,20 @@
 """`gptforge serve` under load, beside Hugging Face transformers' `generate` on the same model, same run.
 
-    flock -x /tmp/cpu.lock python benchmarks/serve.py [--requests 64] [--tokens 64] [--json benchmarks/results/serve_cpu.json]
+    flock -x /tmp/cpu.lock python benchmarks/serve.py [--requests 500] [--tokens 64] [--precision auto]
+        [--json benchmarks/results/serve_cpu.json]
 
 A GPT-2 style model (learned positions, LayerNorm, GELU, no QK-norm: what `export-hf` writes; random
 weights, as speed does not depend on their values) is saved as a run, exported with `gptforge export-hf`,
-and decoded two ways:
+and decoded three ways:
 - transformers: GPT2LMHeadModel.generate, greedy, one prompt at a time, --tokens new tokens (min_new_tokens
-  keeps it from stopping early), the best of three runs after a warm-up;
-- gptforge serve (fp32, on 127.0.0.1, with an API key): for 1, 4, 16 and 32 concurrent clients, each
-  client streams requests of --tokens tokens (`"stream": true`, `"ignore"` of the stop token is not in
-  the API, so the prompt and greedy decoding are chosen to run to length) until --requests requests have
-  been answered at that level. The load generator is one asyncio process (aiohttp) on the same machine.
+  keeps it from stopping early), in fp32 and in bf16, seven runs each after a warm-up; the baseline is the
+  best run of the faster dtype;
+- the engine in this process (the serving dtype, the server's thread count): one stream, and 16 rows
+  decoding together, the median of seven runs each: what the server's HTTP side starts from;
+- gptforge serve (--precision, default auto; API key, safety filter on; on 127.0.0.1): for 1, 4, 16 and 32
+  concurrent clients, each client streams requests of --tokens tokens (`"stream": true`; the prompt and
+  greedy decoding are chosen to run to length) until --requests requests have been answered at that level.
+  The load generator is one asyncio process (aiohttp) on the same machine.
 Reported per level: p50/p99 latency, p50/p99 time to first token, aggregate tokens/s, errors. Targets:
 single stream >= 2x transformers' tokens/s; 16 clients >= 6x the single stream's aggregate; zero errors.
 """
@@ -63,21 +67,47 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
 
-def hf_tokens_per_s(hf: Path, prompt: list[int], tokens: int) -> float:
+def hf_tokens_per_s(hf: Path, prompt: list[int], tokens: int, dtype: torch.dtype, runs: int = 7) -> list[float]:
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(hf).eval()
+    model = GPT2LMHeadModel.from_pretrained(hf, dtype=dtype).eval()
     ids = torch.tensor([prompt])
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    rates = []
     with torch.no_grad():
         model.generate(ids, **kwargs)
-        best = float("inf")
-        for _ in range(3):
+        for _ in range(runs):
             t = time.perf_counter()
             out = model.generate(ids, **kwargs)
-            best = min(best, time.perf_counter() - t)
+            rates.append(tokens / (time.perf_counter() - t))
     assert out.shape[1] - len(prompt) == tokens
-    return tokens / best
+    return rates
+
+
+def engine_tokens_per_s(run: Path, prompt: list[int], tokens: int, precision: str, rows: int, runs: int = 7) -> float:
+    """The median rate of the serving engine in this process: `rows` greedy requests decoding together."""
+    from gptforge.serve.host import Host
+    from gptforge.serve.main import default_threads, serving_dtype
+
+    device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(default_threads())
+    host = Host(run, device, slots=max(LEVELS), dtype=serving_dtype(precision, device), report=lambda m: None)
+    host.close()  # the engine thread goes; this thread steps the engine itself
+    host.current.thread.join(5)
+    engine = host.current.engine
+    from gptforge.evaluate.engine import Request, Sampling
+
+    rates = []
+    for i in range(runs + 1):
+        requests = [engine.submit(Request(prompt + [r], tokens, Sampling(temperature=0))) for r in range(rows)]
+        start = time.perf_counter()
+        while not all(r.done.is_set() for r in requests):
+            engine.step()
+        if i:  # the first is a warm-up
+            rates.append(rows * tokens / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    return statistics.median(rates)
 
 
 async def one_request(session, url: str, key: str, prompt: str, tokens: int) -> dict:
@@ -144,13 +174,13 @@ async def load(url: str, key: str, clients: int, requests: int, tokens: int) -> 
             "latency_mean_s": statistics.fmean(lat) if lat else None}
 
 
-def start_server(run: Path, keys: Path, slots: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, keys: Path, slots: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(run), "--keys", str(keys), "--port",
                              str(port), "--slots", str(slots), "--model-name", "bench", "--audit-log", "off",
-                             "--max-tokens", "1024"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--max-tokens", "1024", *extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import urllib.request
 
     deadline = time.monotonic() + 120
@@ -166,21 +196,33 @@ def start_server(run: Path, keys: Path, slots: int) -> tuple[subprocess.Popen, s
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, default=64, help="requests answered per concurrency level")
+    p.add_argument("--requests", type=int, default=500, help="requests answered per concurrency level")
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--precision", default="auto", help="the server's --precision (default: auto)")
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/serve_cpu.json"))
     args = p.parse_args()
     from gptforge.observe.environment import environment
     from gptforge.serve.keys import add_key
+    from gptforge.serve.main import default_threads, serving_dtype
 
+    dtype = str(serving_dtype(args.precision, torch.device("cpu"))).removeprefix("torch.")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run, hf = make_run(root)
-        hf_tps = hf_tokens_per_s(hf, [0] + list(b"def main():"), args.tokens)
-        print(f"transformers generate, 1 stream: {hf_tps:.1f} tokens/s")
+        prompt = [0] + list(b"def main():")
+        hf_runs = {name: hf_tokens_per_s(hf, prompt, args.tokens, dt)
+                   for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+        for name, rates in hf_runs.items():
+            print(f"transformers generate, 1 stream, {name}: best {max(rates):.1f} tokens/s, "
+                  f"median {statistics.median(rates):.1f}")
+        hf_dtype = max(hf_runs, key=lambda name: max(hf_runs[name]))
+        hf_tps = max(hf_runs[hf_dtype])
+        engine = {rows: engine_tokens_per_s(run, prompt, args.tokens, args.precision, rows) for rows in (1, 16)}
+        print(f"engine in this process ({dtype}, {default_threads()} threads): 1 stream {engine[1]:.1f} tokens/s, "
+              f"16 rows {engine[16]:.1f} tokens/s")
         keys = root / "keys.json"
         key = add_key(keys, "bench")
-        proc, base = start_server(run, keys, slots=max(LEVELS))
+        proc, base = start_server(run, keys, slots=max(LEVELS), extra=["--precision", args.precision])
         levels = []
         try:
             for clients in LEVELS:
@@ -200,12 +242,15 @@ def main() -> int:
                "errors": sum(r["errors"] for r in levels)}
     verdict["met"] = (verdict["single_vs_hf"] >= TARGET_SINGLE_VS_HF and verdict["c16_vs_single"] >= TARGET_16_VS_SINGLE
                       and verdict["errors"] == 0)
-    print(f"single stream / transformers: {verdict['single_vs_hf']:.2f}x (target >= {TARGET_SINGLE_VS_HF}x); "
-          f"16 clients / single stream: {verdict['c16_vs_single']:.2f}x (target >= {TARGET_16_VS_SINGLE}x); "
-          f"errors {verdict['errors']}; targets {'met' if verdict['met'] else 'NOT met'}")
+    print(f"single stream / transformers ({hf_dtype}, best run): {verdict['single_vs_hf']:.2f}x (target >= "
+          f"{TARGET_SINGLE_VS_HF}x); 16 clients / single stream: {verdict['c16_vs_single']:.2f}x (target >= "
+          f"{TARGET_16_VS_SINGLE}x); errors {verdict['errors']}; targets {'met' if verdict['met'] else 'NOT met'}")
     record = {"benchmark": "serve", "model": MODEL_KEYS, "tokens_per_request": args.tokens,
-              "requests_per_level": args.requests, "transformers_tokens_per_s": hf_tps, "levels": levels,
-              "verdict": verdict, "environment": environment(torch.device("cpu"), "fp32", 1)}
+              "requests_per_level": args.requests, "server_precision": args.precision, "server_dtype": dtype,
+              "server_threads": default_threads(), "transformers_runs_tokens_per_s": hf_runs,
+              "transformers_baseline": {"dtype": hf_dtype, "tokens_per_s": hf_tps},
+              "engine_in_process_tokens_per_s": {"1": engine[1], "16": engine[16]}, "levels": levels,
+              "verdict": verdict, "environment": environment(torch.device("cpu"), args.precision, 1)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.json}")

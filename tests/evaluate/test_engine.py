@@ -148,3 +148,53 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on()
         stop.set()
         engine.wake()
         thread.join(10)
+
+
+@pytest.mark.parametrize("doc_token", [-1, 0])
+def test_a_lone_request_in_a_high_row_decodes_that_row_alone(doc_token):
+    """After a busy spell a request may land in any row (prefix reuse picks it); its decode steps are then one
+    row wide, not every row below it, and it gives the tokens it gives alone."""
+    model = tiny_model(doc_token=doc_token)
+    engine = Engine(model, slots=4)
+    prompts = [[doc_token % 100, 11 + i, 12 + i, 13 + i] for i in range(4)]
+    run_together(engine, [Request(p, 3, Sampling(0.0)) for p in prompts])
+    widths = []
+    forward = engine._forward
+    engine._forward = lambda idx, *rest: widths.append(idx.shape) or forward(idx, *rest)
+    lone = Request(prompts[3] + [50, 51], 12, Sampling(0.0))  # shares row 3's prefix, so it takes row 3
+
+    run_together(engine, [lone])
+
+    assert engine.slots[3].tokens[:len(lone.prompt)] == lone.prompt
+    decodes = [shape for shape in widths if shape[1] == 1]
+    assert len(decodes) == 11 and all(shape[0] == 1 for shape in decodes)
+    assert lone.tokens == generate(model, lone.prompt, 12, temperature=0.0)
+
+
+def test_bf16_weights_can_attend_in_an_fp32_cache(monkeypatch):
+    """attention_dtype=fp32 (what the server asks for on a CPU serving bf16 weights): the cache holds fp32,
+    every attention computes in fp32, and the prompts score as the fp32 model scores them, to bf16's precision."""
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    half = tiny_model().to(torch.bfloat16)
+    seen = set()
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.add((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+    scores = []
+    for engine in (Engine(model, slots=4), Engine(half, slots=4, attention_dtype=torch.float32)):
+        nll = {}
+        requests = [Request(p, 8, Sampling(0.0), on_prompt=lambda s, n, i=i, nll=nll: nll.__setitem__(i, s / n))
+                    for i, p in enumerate(prompts)]
+        run_together(engine, requests)  # four rows decode together: the batched path
+        assert [len(r.tokens) for r in requests] == [8] * 4 and engine.steps >= 7
+        scores.append([nll[i] for i in range(4)])
+    assert half.transformer.wte.weight.dtype == torch.bfloat16 and engine.cache.k.dtype == torch.float32
+    assert seen == {(torch.float32,) * 3}
+    assert scores[1] == pytest.approx(scores[0], rel=0.03)

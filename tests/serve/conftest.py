@@ -132,13 +132,15 @@ def keyring(tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(chat_run, tmp_path_factory):
     """One server for a module's tests: keys alice (no limits), bob (revoked by a test), limited (2 per minute);
-    4 slots, at most 300 tokens a request, a 64 KiB body cap."""
+    4 slots, at most 300 tokens a request, a 64 KiB body cap; fp32 weights, for the tests that compare tokens
+    batched and alone exactly."""
     root = tmp_path_factory.mktemp("api")
     keys = root / "keys.json"
     names = {name: make_key(keys, name, *flags) for name, flags in
              (("alice", ()), ("bob", ()), ("limited", ("--rpm", "2")))}
     server = ServerProcess(chat_run, keys, "--slots", "4", "--max-tokens", "300", "--body-bytes", "65536",
-                           "--audit-log", str(root / "audit.jsonl"), "--model-name", "tiny", log=root / "server.log")
+                           "--audit-log", str(root / "audit.jsonl"), "--model-name", "tiny", "--precision", "fp32",
+                           log=root / "server.log")
     server.keys, server.key_file, server.audit = names, keys, root / "audit.jsonl"
     yield server
     server.stop()

@@ -119,3 +119,49 @@ def test_the_drift_watch_logs_when_prompts_leave_the_band_and_when_they_return(t
                   if line.startswith(("gptforge_drift", "gptforge_validation")))
     assert float(values["gptforge_drift_perplexity"]) == pytest.approx(18.0)
     assert float(values["gptforge_validation_perplexity"]) == 20.0 and values["gptforge_drift_out_of_band"] == "0.0"
+
+
+def test_the_serving_precision_and_threads_follow_the_machine(monkeypatch, chat_run):
+    """--precision auto serves bf16 weights where the CPU computes bf16 natively, else fp32; a CPU serving
+    bf16 keeps its cache, and attends, in fp32. --threads leaves one core to the HTTP side."""
+    import torch
+
+    from gptforge.errors import ConfigError
+    from gptforge.serve import main
+    from gptforge.serve.host import Host
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GPTFORGE_CPU_NATIVE_BF16", "1")
+    assert main.serving_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setenv("GPTFORGE_CPU_NATIVE_BF16", "0")
+    assert main.serving_dtype("auto", cpu) == torch.float32
+    assert main.serving_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(ConfigError, match="fp16 is for GPUs"):
+        main.serving_dtype("fp16", cpu)
+    for cores, threads in (({0}, 1), ({0, 1}, 1), (set(range(8)), 7)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores, raising=False)
+        assert main.default_threads() == threads
+
+    host = Host(chat_run, cpu, slots=2, dtype=torch.bfloat16, report=lambda m: None)
+    try:
+        engine = host.current.engine
+        assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.cache.k.dtype == torch.float32
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "serve requires API keys"),
+    (["--no-auth", "--threads", "0"], "--threads must be at least 1"),
+    (["--no-auth", "--port", "70000"], r"--port must be in \[1, 65535\]"),
+    (["--no-auth", "--tls-cert", "c.pem"], "TLS needs both"),
+])
+def test_bad_serve_options_are_refused_before_the_model_loads(tmp_path, extra, message):
+    import argparse
+
+    from gptforge.serve import main
+
+    parser = argparse.ArgumentParser()
+    main.add_arguments(parser)
+    with pytest.raises(GptforgeError, match=message):
+        main.check_args(parser.parse_args([str(tmp_path), *extra]))

@@ -9,8 +9,8 @@ A slot keeps its cache when its request ends. The next request placed there reus
 prefix of its prompt and the tokens already cached, and prefills only the rest: a chat that sends its
 whole history every turn prefills only the new turn. A free slot is chosen by that prefix first.
 
-Shapes: a decode step runs over rows [0, hi) (hi = one past the highest busy row) and attends over the
-first `span` columns of the cache, span rounded up to a multiple of `span_multiple`; so on a GPU the
+Shapes: a decode step runs over rows [lo, hi) (from the lowest busy row to one past the highest) and
+attends over the first `span` columns of the cache, span rounded up to a multiple of `span_multiple`; so on a GPU the
 shapes take few distinct values and compile or CUDA graphs can be applied per (rows, span) bucket.
 """
 
@@ -128,14 +128,17 @@ class RowCache:
     those to attend over, and `pos` is 0 because the engine always hands attention a mask of its own (so
     the cache's length never decides causality). The engine selects the rows of the next forward first:
     `select_prefill(row, start)` for T new tokens of one row at [start, start + T), or
-    `select_decode(hi, cols, span)` for one token per row of [0, hi), row b writing at column cols[b] and
-    attending over the first `span` columns.
+    `select_decode(lo, hi, cols, span)` for one token per row of [lo, hi), row lo + b writing at column
+    cols[b] and attending over the first `span` columns. `attend_dtype`: the dtype keys and values are handed back in
+    (None: the new keys' own), for attention to compute in.
     """
 
     pos = 0
 
-    def __init__(self, n_rows: int, config, device: torch.device, dtype: torch.dtype):
+    def __init__(self, n_rows: int, config, device: torch.device, dtype: torch.dtype,
+                 attend_dtype: torch.dtype | None = None):
         self.n_rows, self.max_len = n_rows, config.block_size
+        self.attend_dtype = attend_dtype
         shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
@@ -149,33 +152,37 @@ class RowCache:
     def select_prefill(self, row: int, start: int) -> None:
         self._row, self._start, self._decode, self.pos = row, start, False, 0
 
-    def select_decode(self, hi: int, cols: torch.Tensor, span: int, single: int | None = None) -> None:
-        """`single`: one row decoding at that column, with no mask: plain slices, and `pos` set to it so
+    def select_decode(self, lo: int, hi: int, cols: torch.Tensor, span: int, single: int | None = None) -> None:
+        """One token per row of [lo, hi), row lo + b writing at column cols[b], attending over `span` columns.
+        `single`: rows [lo, lo + 1) only, at that column, with no mask: plain slices, and `pos` set to it so
         attention lets the one new query see every key returned (the single-stream fast path)."""
-        self._row, self._start, self._span, self._decode = hi, cols, span, True
+        self._lo, self._row, self._start, self._span, self._decode = lo, hi, cols, span, True
         self._single = single
         self.pos = 0 if single is None else single
         if single is None:
-            self._index = torch.arange(hi, device=self.device)
+            self._index = torch.arange(lo, hi, device=self.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hd) of the selected rows; return what they attend over."""
+        dtype = self.attend_dtype or k.dtype  # .to is a no-op where the cache already holds it
         if not self._decode:  # prefill: one row, a contiguous run of columns
             row, end = self._row, self._start + k.size(2)
             self.k[layer, row:row + 1, :, self._start:end] = k
             self.v[layer, row:row + 1, :, self._start:end] = v
-            return (self.k[layer, row:row + 1, :, :end].to(k.dtype),
-                    self.v[layer, row:row + 1, :, :end].to(v.dtype))  # (1, nh, end, hd)
+            return (self.k[layer, row:row + 1, :, :end].to(dtype),
+                    self.v[layer, row:row + 1, :, :end].to(dtype))  # (1, nh, end, hd)
+        lo = self._lo
         if self._single is not None:  # one row at one column: slices, no index tensors
             col = self._single
-            self.k[layer, 0, :, col] = k[0, :, 0]
-            self.v[layer, 0, :, col] = v[0, :, 0]
-            return self.k[layer, :1, :, :col + 1].to(k.dtype), self.v[layer, :1, :, :col + 1].to(v.dtype)
-        # decode: row b's one new key goes to column cols[b]; indexing (b, :, cols[b]) picks (hi, nh, hd)
-        self.k[layer, self._index, :, self._start] = k[:, :, 0]
-        self.v[layer, self._index, :, self._start] = v[:, :, 0]
+            self.k[layer, lo, :, col] = k[0, :, 0]
+            self.v[layer, lo, :, col] = v[0, :, 0]
+            return (self.k[layer, lo:lo + 1, :, :col + 1].to(dtype),
+                    self.v[layer, lo:lo + 1, :, :col + 1].to(dtype))  # (1, nh, col + 1, hd)
+        # decode: row lo + b's one new key goes to column cols[b]; indexing (row, :, col) picks (B, nh, hd)
+        self.k[layer, self._index, :, self._start] = k[:, :, 0].to(self.k.dtype)
+        self.v[layer, self._index, :, self._start] = v[:, :, 0].to(self.v.dtype)
         hi, span = self._row, self._span
-        return self.k[layer, :hi, :, :span].to(k.dtype), self.v[layer, :hi, :, :span].to(v.dtype)  # (hi, nh, span, hd)
+        return self.k[layer, lo:hi, :, :span].to(dtype), self.v[layer, lo:hi, :, :span].to(dtype)  # (B, nh, span, hd)
 
 
 @dataclass(eq=False)
@@ -224,18 +231,21 @@ class Engine:
 
     submit() is thread-safe; step() and run() belong to one thread. `autocast` is a context manager
     factory for the forwards (a Precision's autocast), `cache_dtype` the dtype of the cache (default: the
-    model's parameters').
+    model's parameters'). `attention_dtype`: keep the cache in this dtype and attend in it, whatever the
+    weights' (a CPU computes attention over one query per row several times faster in fp32 than in bf16).
     """
 
     def __init__(self, model: GPT, slots: int = 8, *, autocast: Callable | None = None,
-                 cache_dtype: torch.dtype | None = None, span_multiple: int = 32):
+                 cache_dtype: torch.dtype | None = None, attention_dtype: torch.dtype | None = None,
+                 span_multiple: int = 32):
         if slots < 1:
             raise ValueError(f"an engine needs at least one slot, got {slots}")
         self.model = model
         self.block_size = model.config.block_size
         param = next(model.parameters())
         self.device = param.device
-        self.cache = RowCache(slots, model.config, self.device, cache_dtype or param.dtype)
+        self.cache = RowCache(slots, model.config, self.device, attention_dtype or cache_dtype or param.dtype,
+                              attend_dtype=attention_dtype)
         self.slots = [Slot(i) for i in range(slots)]
         self.autocast = autocast
         self.doc_token = model.config.doc_token  # >= 0: attention stays within documents
@@ -421,49 +431,54 @@ class Engine:
         self._emit(slot, self._sample(request, logits[-1]))
 
     def _decode(self, slots: list[Slot]) -> None:
-        hi = max(s.row for s in slots) + 1
-        feed = [0] * hi
-        cols = [0] * hi
-        for slot in self.slots[:hi]:
+        """One token for each of `slots`: one forward over the rows [lo, hi) that span them."""
+        lo, hi = min(s.row for s in slots), max(s.row for s in slots) + 1
+        rows = self.slots[lo:hi]
+        feed, cols = [0] * len(rows), [0] * len(rows)
+        for b, slot in enumerate(rows):
             if slot.request is not None and slot in slots:
-                feed[slot.row], cols[slot.row] = slot.request._pending, len(slot.tokens)
+                feed[b], cols[b] = slot.request._pending, len(slot.tokens)
             else:  # an idle row computes a throwaway token; its write lands past what it may reuse
                 col = min(len(slot.tokens), self.block_size - 1)
                 slot.keep(col)
-                cols[slot.row] = col
+                cols[b] = col
         span = min(self.block_size, -(-(max(cols) + 1) // self.span_multiple) * self.span_multiple)
         dev = self.device
-        cols_t = torch.tensor(cols, dtype=torch.long, device=dev)  # (hi,)
-        visible = torch.arange(span, device=dev)[None, :] <= cols_t[:, None]  # (hi, span)
+        cols_t = torch.tensor(cols, dtype=torch.long, device=dev)  # (B,)
         in_doc = cols_t
+        mask = None
+        single = cols[0] if len(rows) == 1 and cols[0] > 0 else None
         if self.doc_token >= 0:  # the new token's document id and start, as Slot.extend will count them
             docs, starts = [], []
-            for slot, token, col in zip(self.slots[:hi], feed, cols):
+            for slot, token, col in zip(rows, feed, cols):
                 doc = slot.docs[col - 1] if col else 0
                 start = slot.starts[col - 1] if col else 0
                 docs.append(doc + (token == self.doc_token))
                 starts.append(col if token == self.doc_token else start)
             docs_t = torch.tensor(docs, device=dev)
-            self.cache.doc[torch.arange(hi, device=dev), cols_t] = docs_t
-            visible &= self.cache.doc[:hi, :span] == docs_t[:, None]
+            self.cache.doc[torch.arange(lo, hi, device=dev), cols_t] = docs_t
             in_doc = cols_t - torch.tensor(starts, device=dev)
-        single = cols[0] if hi == 1 and self.doc_token < 0 and cols[0] > 0 else None
-        self.cache.select_decode(hi, cols_t, span, single)
-        idx = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]  # (hi, 1)
-        mask = None if single is not None else visible[:, None, None]  # (hi, 1, 1, span)
-        logits = self._forward(idx, cols_t[:, None], in_doc[:, None], mask)[:, -1]  # (hi, V)
+            if single is not None and rows[0].docs[0] != docs[0]:
+                single = None  # the row holds several documents: the new token sees its own only
+            if single is None:
+                mask = self.cache.doc[lo:hi, :span] == docs_t[:, None]  # (B, span)
+        if single is None:
+            visible = torch.arange(span, device=dev)[None, :] <= cols_t[:, None]  # (B, span)
+            mask = (visible if mask is None else visible & mask)[:, None, None]  # (B, 1, 1, span)
+        self.cache.select_decode(lo, hi, cols_t, span, single)
+        idx = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]  # (B, 1)
+        logits = self._forward(idx, cols_t[:, None], in_doc[:, None], mask)[:, -1]  # (B, V)
         self.steps += 1
         greedy = [s for s in slots if s.request.sampling.temperature == 0]
         if greedy:
-            rows = torch.tensor([s.row for s in greedy], device=self.device)
-            picks = logits[rows].argmax(dim=-1).tolist()
+            picks = logits[torch.tensor([s.row - lo for s in greedy], device=dev)].argmax(dim=-1).tolist()
         for slot in slots:
             slot.extend([slot.request._pending], self.doc_token)
         for slot, token in zip(greedy, picks if greedy else []):
             self._emit(slot, token)
         for slot in slots:
             if slot not in greedy:
-                self._emit(slot, self._sample(slot.request, logits[slot.row]))
+                self._emit(slot, self._sample(slot.request, logits[slot.row - lo]))
 
     def _sample(self, request: Request, logits: torch.Tensor) -> int:
         s = request.sampling

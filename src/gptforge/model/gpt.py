@@ -145,6 +145,7 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hd)
+            q = q.to(k.dtype)  # a cache may hand back keys in a wider dtype to attend in; else a no-op
         if mask is not None and not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask
             y = self.flex(q, k, v, block_mask=mask)  # (B, nh, T, hd)
             return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
@@ -153,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         # No mask and past == 0: plain causal attention. One new token (T == 1) may attend to everything cached.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C).to(x.dtype)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from gptforge.evaluate.engine import Engine
 
 
@@ -56,11 +58,14 @@ def validation_perplexity(state: dict) -> float | None:
 
 
 class Host:
-    """Loads the run, keeps the current Served, swaps in newer checkpoints (SIGHUP, --watch)."""
+    """Loads the run, keeps the current Served, swaps in newer checkpoints (SIGHUP, --watch).
 
-    def __init__(self, run_path: str | Path, device, slots: int, autocast: Callable | None,
+    The weights are served in `dtype`, cast once at load (not autocast at every step: a decode step is
+    small, and a cast of every weight per step would cost more than the step's matmuls save)."""
+
+    def __init__(self, run_path: str | Path, device, slots: int, dtype: torch.dtype = torch.float32,
                  report: Callable[[str], None] = print):
-        self.run_path, self.device, self.slots, self.autocast = Path(run_path), device, slots, autocast
+        self.run_path, self.device, self.slots, self.dtype = Path(run_path), device, slots, dtype
         self.report = report
         self._lock = threading.Lock()
         self.current = self._load()
@@ -76,7 +81,9 @@ class Host:
             from gptforge.errors import GptforgeError
 
             raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: a server needs one to read prompts")
-        engine = Engine(run.model, slots=self.slots, autocast=self.autocast)
+        # A CPU attends over one query per row several times faster in fp32 than in bf16 (BENCHMARKS.md)
+        wide = torch.float32 if self.device.type == "cpu" and self.dtype != torch.float32 else None
+        engine = Engine(run.model.to(self.dtype), slots=self.slots, attention_dtype=wide)
         return Served(run, engine, ChatTemplate.from_tokenizer(run.tokenizer), int(run.state.get("step", 0)),
                       validation_perplexity(run.state))
 

@@ -8,6 +8,7 @@ connections and lets the requests in flight finish (up to --drain-timeout) befor
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -52,7 +53,7 @@ def check_args(args) -> None:
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not Path(path).is_file():
             raise GptforgeError(f"{path}: no such file")
-    for name in ("slots", "max_tokens", "body_bytes", "rpm", "tpm"):
+    for name in ("slots", "max_tokens", "body_bytes", "rpm", "tpm", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise GptforgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -76,10 +77,31 @@ def audit_path(args) -> Path | None:
     return base / "serve" / "audit.jsonl"
 
 
+def serving_dtype(name: str, device):
+    """--precision as the dtype the weights are served in: auto is bf16 where the device computes it
+    natively (a GPU from Ampere on, a CPU with AVX512-BF16 or AMX), fp16 on an older GPU, else fp32."""
+    import torch
+
+    from gptforge.runtime import resolve_precision
+
+    precision = resolve_precision(name, device)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name, torch.float32)
+
+
+def default_threads() -> int:
+    """Intra-op threads on a CPU: every core but one, which the event loop (and its TLS, JSON and sockets)
+    needs while the engine steps; the threads of a matmul spin while they wait, and one more than the free
+    cores makes every step wait on the loop (BENCHMARKS.md, Serving)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def build(args, report=print):
     """The Server and its FastAPI app for parsed arguments (also what the tests start)."""
     from gptforge.evaluate.safety import safety_from_args
-    from gptforge.runtime import pick_device, resolve_precision
+    import torch
+
+    from gptforge.runtime import pick_device
     from gptforge.serve.app import Limits, Server, create_app, default_model_name
     from gptforge.serve.host import Host
     from gptforge.serve.keys import KeyStore
@@ -91,8 +113,10 @@ def build(args, report=print):
     if keys is not None and len(keys) == 0:
         report(f"warning: {args.keys} holds no live key yet; every request will get 401 until one is added")
     device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    host = Host(args.run_dir, device, args.slots, precision.autocast, report=report)
+    dtype = serving_dtype(args.precision, device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or default_threads())
+    host = Host(args.run_dir, device, args.slots, dtype, report=report)
     metrics = Metrics(lambda: host.current.engine.queued, lambda: host.current.engine.active, args.slots)
     audit = AuditLog(audit_path(args))
     drift = DriftWatch(host.current.val_ppl, args.drift_band, metrics, audit)
@@ -182,5 +206,9 @@ def add_arguments(p) -> None:
                    "in (as SIGHUP does)")
     p.add_argument("--drain-timeout", type=int, default=30, help="on SIGTERM, seconds to let requests in flight "
                    "finish (default: 30)")
-    p.add_argument("--precision", default="fp32", help="fp32 (default), bf16, fp16 or auto for the forwards")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the dtype the weights are served in (default: auto, bf16 where the device computes it "
+                   "natively, else fp32; fp16 on GPUs without bf16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the matmuls (default: all cores "
+                   "but one, which the HTTP side needs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
