@@ -10,8 +10,9 @@ prefix of its prompt and the tokens already cached, and prefills only the rest: 
 whole history every turn prefills only the new turn. A free slot is chosen by that prefix first.
 
 Shapes: a decode step runs over rows [lo, hi) (from the lowest busy row to one past the highest) and
-attends over the first `span` columns of the cache, span rounded up to a multiple of `span_multiple`; so on a GPU the
-shapes take few distinct values and compile or CUDA graphs can be applied per (rows, span) bucket.
+attends over the first `span` columns of the cache, span rounded up to a multiple of `span_multiple`; so
+on a GPU the shapes take few distinct values and compile or CUDA graphs can be applied per (rows, span)
+bucket.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class RowCache:
     the cache's length never decides causality). The engine selects the rows of the next forward first:
     `select_prefill(row, start)` for T new tokens of one row at [start, start + T), or
     `select_decode(lo, hi, cols, span)` for one token per row of [lo, hi), row lo + b writing at column
-    cols[b] and attending over the first `span` columns. `attend_dtype`: the dtype keys and values are handed back in
-    (None: the new keys' own), for attention to compute in.
+    cols[b] and attending over the first `span` columns. `attend_dtype`: the dtype keys and values are
+    handed back in (None: the new keys' own), for attention to compute in.
     """
 
     pos = 0

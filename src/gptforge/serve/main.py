@@ -98,9 +98,9 @@ def default_threads() -> int:
 
 def build(args, report=print):
     """The Server and its FastAPI app for parsed arguments (also what the tests start)."""
-    from gptforge.evaluate.safety import safety_from_args
     import torch
 
+    from gptforge.evaluate.safety import safety_from_args
     from gptforge.runtime import pick_device
     from gptforge.serve.app import Limits, Server, create_app, default_model_name
     from gptforge.serve.host import Host
