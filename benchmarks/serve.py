@@ -86,6 +86,7 @@ def hf_tokens_per_s(hf: Path, prompt: list[int], tokens: int, dtype: torch.dtype
 
 def engine_tokens_per_s(run: Path, prompt: list[int], tokens: int, precision: str, rows: int, runs: int = 7) -> float:
     """The median rate of the serving engine in this process: `rows` greedy requests decoding together."""
+    from gptforge.evaluate.engine import Request, Sampling
     from gptforge.serve.host import Host
     from gptforge.serve.main import default_threads, serving_dtype
 
@@ -96,8 +97,6 @@ def engine_tokens_per_s(run: Path, prompt: list[int], tokens: int, precision: st
     host.close()  # the engine thread goes; this thread steps the engine itself
     host.current.thread.join(5)
     engine = host.current.engine
-    from gptforge.evaluate.engine import Request, Sampling
-
     rates = []
     for i in range(runs + 1):
         requests = [engine.submit(Request(prompt + [r], tokens, Sampling(temperature=0))) for r in range(rows)]
@@ -180,7 +179,8 @@ def start_server(run: Path, keys: Path, slots: int, extra: list[str] = ()) -> tu
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(run), "--keys", str(keys), "--port",
                              str(port), "--slots", str(slots), "--model-name", "bench", "--audit-log", "off",
-                             "--max-tokens", "1024", *extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--max-tokens", "1024", *extra], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     import urllib.request
 
     deadline = time.monotonic() + 120
