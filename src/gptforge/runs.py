@@ -54,9 +54,9 @@ def _load(ckpt: Path, device: str | torch.device) -> LoadedRun:
     cfg = from_dict(state["config"], source=str(ckpt / "state.json"))
     model = model_for(cfg, state)
     if checkpoint.is_sharded(ckpt):
-        from gptforge.parallel.distribute import load_sharded
+        from gptforge.parallel.shards import load_shards
 
-        load_sharded(model, None, ckpt / "dcp")
+        load_shards(model, None, ckpt / "shards")
     else:
         checkpoint.load_weights(model, ckpt)
     if cfg.finetune.lora.rank:  # adapters are stored beside the base weights; fold them in for use

@@ -148,18 +148,50 @@ def test_sharded_checkpoint_is_verified_and_reshards(small_data, reference, tmp_
     run_dir = tmp_path / "run"
     launch(2, train_args(small_data, run_dir, 4, "dist.strategy=fsdp2", "dist.checkpoint=sharded"))
     sharded = checkpoint.list_checkpoints(run_dir / "checkpoints")[0]
-    assert (sharded / "dcp" / ".metadata").is_file() and not (sharded / "model.safetensors").exists()
-    model, _ = gptforge.load(sharded)  # one process, no process group
+    assert not (sharded / "model.safetensors").exists()
+    assert sorted(p.name for p in (sharded / "shards").iterdir()) == [
+        "index.json", "rank_00000.safetensors", "rank_00001.safetensors"]
+    model, _ = gptforge.load(sharded)  # one process, no process group: both ranks' rows put together
     assert model.transformer.wte.weight.abs().sum() > 0
 
     launch(1, train_args(small_data, run_dir, 6))  # saved as 2 shards, resumed by 1 process
     close(curve(reference), curve(run_dir))
 
-    shard = sorted((sharded / "dcp").glob("*.distcp"))[0]
+    shard = sharded / "shards" / "rank_00001.safetensors"
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 1
     shard.write_bytes(bytes(blob))
     assert any(shard.name in problem for problem in checkpoint.verify(sharded))
+
+
+def test_a_sharded_checkpoint_resumes_into_sharded_processes(small_data, reference, tmp_path):
+    """Written by 2 FSDP2 processes, read back by 2: each reads the boxes of its own shards of the weights
+    and of the optimizer state, and the curve goes on as one process's."""
+    run_dir = tmp_path / "run"
+    sharded = ("dist.strategy=fsdp2", "dist.checkpoint=sharded")
+    launch(2, train_args(small_data, run_dir, 4, *sharded))
+    launch(2, train_args(small_data, run_dir, 6, *sharded))
+    assert [r["step"] for r in read_metrics(run_dir) if r.get("event") == "resume"] == [4]
+    close(curve(reference), curve(run_dir))
+
+
+def test_a_replicated_sharded_checkpoint_writes_each_box_once(small_data, tmp_path):
+    """HSDP as 2 replicas of 1 shard: both processes hold every value; rank 0 writes them, rank 1 nothing,
+    and one process loads the checkpoint as the replicas had it."""
+    import json
+
+    import gptforge
+    from gptforge.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    launch(2, train_args(small_data, run_dir, 2, "dist.strategy=hsdp", "dist.hsdp_shard_size=1",
+                         "dist.checkpoint=sharded"))
+    sharded = checkpoint.list_checkpoints(run_dir / "checkpoints")[0]
+    index = json.loads((sharded / "shards" / "index.json").read_text())
+    files = {piece["file"] for entry in index["tensors"].values() for piece in entry["pieces"]}
+    assert files == {"rank_00000.safetensors"} and index["world_size"] == 2
+    model, _ = gptforge.load(sharded)
+    assert model.transformer.wte.weight.abs().sum() > 0
 
 
 def test_scaling_report(small_data, tmp_path):

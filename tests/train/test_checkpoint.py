@@ -164,41 +164,83 @@ def test_planted_dcp_metadata_is_reported_and_never_unpickled(tmp_path):
     assert not Payload.marker.exists()
 
 
-def test_a_listed_sharded_metadata_pickle_cannot_run_code(tmp_path):
-    """A sharded checkpoint whose .metadata an attacker replaced and resealed: the restricted unpickler
-    refuses what is not checkpoint metadata, and nothing runs."""
-    from gptforge.parallel.distribute import save_sharded
+def _sharded(tmp_path, step=3):
+    """A trained model and optimizer, saved as a one-process sharded checkpoint."""
+    from gptforge.parallel.shards import save_shards
+
+    model, opt = _trained(step)
+    staged = checkpoint.staging_dir(tmp_path, step, tag="sharded")
+    staged.mkdir(parents=True)
+    save_shards(model, opt, staged / "shards")
+    path = checkpoint.save_checkpoint(tmp_path, step, model=None, optimizer=None, staged=staged,
+                                      state={"step": step, "tokens": 0, "config": CONFIG.to_dict()})
+    return path, model, opt
+
+
+def test_a_sharded_checkpoint_is_safetensors_and_json_and_loads_with_no_unpickler(tmp_path, monkeypatch):
+    """Weights and optimizer state round-trip exactly while every way to unpickle raises; the non-tensor
+    values (learning rate, betas) are JSON in the index."""
+    from gptforge.parallel.shards import load_shards
     from gptforge.runs import load_run
 
-    model, opt = _trained(3)
-    staged = checkpoint.staging_dir(tmp_path, 3, tag="sharded")
-    staged.mkdir(parents=True)
-    save_sharded(model, opt, staged / "dcp")
-    path = checkpoint.save_checkpoint(tmp_path, 3, model=None, optimizer=None, staged=staged,
-                                      state={"step": 3, "tokens": 0, "config": CONFIG.to_dict()})
+    path, model, opt = _sharded(tmp_path)
     assert checkpoint.is_sharded(path) and checkpoint.verify(path) == []
-    loaded = load_run(path)  # the genuine one loads, through the same unpickler
+    assert sorted(p.name for p in (path / "shards").iterdir()) == ["index.json", "rank_00000.safetensors"]
+    index = json.loads((path / "shards" / "index.json").read_text())
+    assert index["values"]['["optim", "param_groups", 0, "lr"]'] == 0.01
+    assert index["values"]['["optim", "param_groups", 0, "betas"]'] == [0.9, 0.999]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sharded checkpoint was unpickled")
+
+    for target in ("pickle.load", "pickle.loads", "pickle.Unpickler", "torch.load"):
+        monkeypatch.setattr(target, refuse)
+    loaded = load_run(path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    fresh = Tied()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.5, betas=(0.1, 0.2))
+    load_shards(fresh, opt2, path / "shards")
+    before, after = opt.state_dict(), opt2.state_dict()
+    for idx in before["state"]:
+        for key, value in before["state"][idx].items():
+            assert torch.equal(value, after["state"][idx][key]), (idx, key)
+    assert after["param_groups"][0]["lr"] == 0.01 and after["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def test_a_damaged_shard_index_is_refused_and_nothing_runs(tmp_path):
+    """An index replaced by a pickle, or one whose pieces no longer cover a tensor, each resealed into the
+    manifest: a clear refusal, never an unpickle."""
+    from gptforge.runs import load_run
+
+    path, _, _ = _sharded(tmp_path)
+    index_file = path / "shards" / "index.json"
+    good = index_file.read_text()
     Payload.marker = tmp_path / "pwned"
-    (path / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    index_file.write_bytes(pickle.dumps(Payload()))
     _reseal(path)
-    with pytest.raises(CheckpointError, match="refused.*posix.system|refused.*os.system"):
+    with pytest.raises(CheckpointError, match="not a shard index"):
         load_run(path)
     assert not Payload.marker.exists()
 
+    index = json.loads(good)
+    key = '["model", "transformer.wte.weight"]'
+    index["tensors"][key]["pieces"][0]["shape"][0] -= 1  # the piece no longer reaches the last row
+    index_file.write_text(json.dumps(index))
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="the pieces cover"):
+        load_run(path)
+    index["tensors"][key]["pieces"][0]["file"] = "../../model.safetensors"
+    index_file.write_text(json.dumps(index))
+    _reseal(path)
+    with pytest.raises(CheckpointError, match="expected a shape and pieces"):
+        load_run(path)
+
 
 def test_a_sharded_manifest_needs_a_state_that_says_sharded(tmp_path):
-    """dcp/.metadata is opened only where manifest and state.json agree: a state.json without the layout
-    (or saying full) beside a resealed sharded manifest is a damaged checkpoint."""
-    from gptforge.parallel.distribute import save_sharded
-
-    model, opt = _trained(3)
-    staged = checkpoint.staging_dir(tmp_path, 3, tag="sharded")
-    staged.mkdir(parents=True)
-    save_sharded(model, opt, staged / "dcp")
-    path = checkpoint.save_checkpoint(tmp_path, 3, model=None, optimizer=None, staged=staged,
-                                      state={"step": 3, "tokens": 0, "config": CONFIG.to_dict()})
+    """shards/ is read only where manifest and state.json agree: a state.json without the layout (or saying
+    full) beside a resealed sharded manifest is a damaged checkpoint."""
+    path, _, _ = _sharded(tmp_path)
     state = json.loads((path / "state.json").read_text())
     assert state.pop("layout") == "sharded" and checkpoint.verify(path) == []
     (path / "state.json").write_text(json.dumps(state))
@@ -206,28 +248,19 @@ def test_a_sharded_manifest_needs_a_state_that_says_sharded(tmp_path):
     assert any("layout is 'full' but the manifest lists a sharded checkpoint" in p for p in checkpoint.verify(path))
 
 
-def test_non_tensor_values_of_a_sharded_checkpoint_are_read_weights_only(tmp_path):
-    """torch's own planner reads a sharded checkpoint's non-tensor values with a full unpickle; gptforge's
-    refuses a payload there, and nothing runs."""
-    import io
-
-    from gptforge.parallel.distribute import weights_only_planner
-
+def test_a_checkpoint_in_torch_distributed_checkpoint_format_is_refused_unread(tmp_path):
+    """Sharded checkpoints were once written by torch.distributed.checkpoint, whose files are pickles: one
+    listed in its manifest is refused by name before any of its files is opened."""
+    _save(tmp_path, 1)
+    newest, _, _ = _save(tmp_path, 2)
+    (newest / "model.safetensors").unlink()
     Payload.marker = tmp_path / "pwned"
-    evil = io.BytesIO()
-    torch.save(Payload(), evil)  # as DCP stores a non-tensor value; torch's DefaultLoadPlanner runs it
-    evil.seek(0)
-    planner = weights_only_planner()
-    with pytest.raises(pickle.UnpicklingError):
-        planner.load_bytes(None, evil)
+    (newest / "dcp").mkdir()
+    (newest / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (newest / "dcp" / "__0_0.distcp").write_bytes(pickle.dumps(Payload()))
+    _reseal(newest)
+    _falls_back(tmp_path, "torch.distributed.checkpoint's format", "reads no pickle")
     assert not Payload.marker.exists()
-    buffer = io.BytesIO()
-    torch.save({"lr": 0.01, "betas": (0.9, 0.95), "names": ["a"]}, buffer)  # what an optimizer stores
-    buffer.seek(0)
-    planner.flatten_state_dict, planner.state_dict = False, {}
-    read_item = type("ReadItem", (), {"dest_index": type("Index", (), {"fqn": "optim.param_groups"})()})()
-    planner.load_bytes(read_item, buffer)
-    assert planner.state_dict == {"optim.param_groups": {"lr": 0.01, "betas": (0.9, 0.95), "names": ["a"]}}
 
 
 def test_shardedness_comes_from_the_manifest_not_the_folder(tmp_path):
@@ -236,7 +269,7 @@ def test_shardedness_comes_from_the_manifest_not_the_folder(tmp_path):
     assert json.loads((path / "state.json").read_text())["layout"] == "full"
 
 
-@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "dcp/../../x", "a/b", "..", ".hidden"])
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "shards/../../x", "a/b", "..", ".hidden"])
 def test_manifest_entries_stay_inside_the_folder(tmp_path, monkeypatch, name):
     _save(tmp_path, 1)
     newest, _, _ = _save(tmp_path, 2)

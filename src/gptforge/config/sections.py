@@ -463,7 +463,7 @@ class DistConfig:
     sync_batchnorm: bool = False
     """model.arch=cnn under DDP: BatchNorm statistics over the global batch instead of each process's own."""
     checkpoint: str = choice("full", ("full", "sharded"))
-    """full: gather the whole state into safetensors on rank 0; sharded: each process writes its shard (torch.distributed.checkpoint), for models that do not fit on one host."""
+    """full: gather the whole state into safetensors on rank 0; sharded: each process writes its own pieces (safetensors, with a JSON index), for models that do not fit on one host."""
 
     def check(self) -> None:
         positive(self, "powersgd_rank")

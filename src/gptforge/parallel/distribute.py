@@ -12,10 +12,7 @@ accumulation, and the full (gathered) state dicts that checkpoints are written f
 from __future__ import annotations
 
 import contextlib
-import pickle  # only through _MetadataUnpickler, which builds checkpoint metadata and nothing else
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptforge.config import DistConfig
-from gptforge.errors import CheckpointError, ConfigError
+from gptforge.errors import ConfigError
 from gptforge.parallel.world import World
 
 try:  # torch >= 2.6
@@ -190,113 +187,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         "state": {by_name[name]: value for name, value in state["state"].items()},
         "param_groups": [{**g, "params": [by_name[n] for n in g["params"]]} for g in state["param_groups"]],
     })
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Every process writes its own shard with torch.distributed.checkpoint (a collective)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(path))
-
-
-# The globals a DCP .metadata pickle may name: torch's metadata classes, its file-storage record, tensor
-# sizes, dtypes and layouts, and the paths it stores. Anything else (a pickle's way to run code) is refused.
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Python's documented way to restrict a pickle ("Restricting Globals"): every global the stream names
-    is looked up here, and only torch's checkpoint-metadata types are handed out."""
-
-    def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.metadata as dcp_metadata
-
-        allowed = (module, name) in _METADATA_GLOBALS
-        if module == dcp_metadata.__name__:
-            cls = getattr(dcp_metadata, name, None)
-            allowed = isinstance(cls, type) and cls.__module__ == module
-        elif module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
-        return super().find_class(module, name)
-
-
-def metadata_reader(path: Path):
-    """torch's FileSystemReader for the shards at `path`, reading .metadata through _MetadataUnpickler."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            file = Path(path) / ".metadata"
-            try:
-                with open(file, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as e:
-                raise CheckpointError(f"{file}: refused ({e})") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = getattr(self, "load_id", None)
-            return metadata
-
-    return Reader(str(path))
-
-
-def weights_only_planner():
-    """torch's DefaultLoadPlanner, except that a checkpoint's non-tensor values (optimizer hyperparameters,
-    stored by DCP as torch.save bytes) are read with `torch.load(weights_only=True)`: torch's own planner
-    reads them with `weights_only=False`, a full unpickle that would run a payload placed there."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class Planner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value) -> None:
-            obj = torch.load(value, weights_only=True)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    return Planner()
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
-    """Read a sharded checkpoint into a model sharded in any way, or not at all: DCP reshards N -> M.
-
-    Its .metadata file is a pickle. It is read by MetadataReader, which builds nothing but torch's
-    checkpoint-metadata classes, after the caller has checked the file against the checkpoint's manifest.
-    The shards are torch.save data: tensors torch reads with torch.load(weights_only=True), and the
-    non-tensor values `weights_only_planner` reads the same way (torch's restricted unpickler, which builds
-    tensors and plain containers only), after the manifest has verified every file.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException  # how torch reports the reader's errors
-
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # one process without a group is the intended use here, not a mistake
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(state, storage_reader=metadata_reader(path), planner=weights_only_planner(),
-                     no_dist=not dist.is_initialized())
-        except (CheckpointException, AssertionError, RuntimeError, ValueError, CheckpointError,
-                pickle.UnpicklingError) as e:
-            failure = next(iter((getattr(e, "failures", None) or {}).values()), e)  # per rank: (error, trace)
-            failure = failure[0] if isinstance(failure, tuple) else failure
-            reason = (str(failure).strip().splitlines() or [type(failure).__name__])[-1]
-            raise CheckpointError(f"{path}: sharded checkpoint cannot be read ({reason[:300]})") from None
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])

@@ -2,10 +2,9 @@
 
 Layout of RUN_DIR/checkpoints/step_<N>/:
     model.safetensors      model weights (tied weights stored once, under their first name), or instead
-    dcp/                   with dist.checkpoint=sharded: every process's shard of model and optimizer, written
-                           by torch.distributed.checkpoint. Its dcp/.metadata is a pickle: gptforge reads it
-                           with an unpickler that builds only torch's checkpoint-metadata classes (see
-                           parallel/distribute.py), after checking it against the manifest.
+    shards/                with dist.checkpoint=sharded: every process's pieces of model and optimizer in
+                           safetensors, and index.json, which box of which tensor each file holds
+                           (parallel/shards.py).
     optimizer.safetensors  optimizer tensors, keyed "state.<parameter name>.<state name>"
     state.json             step, counters, config, RNG states, loader position, optimizer hyper-parameters
     tokenizer.json         copy of the run's tokenizer, so a checkpoint stands alone
@@ -48,6 +47,7 @@ from gptforge.fileio import fsync_dir, fsync_file, sha256_file
 from gptforge.train.contents import WEIGHTS_FORMAT, check_contents
 
 MANIFEST = "manifest.json"
+SHARD_INDEX = "shards/index.json"  # what a sharded checkpoint's manifest lists
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -247,6 +247,10 @@ def _manifest_entries(path: Path) -> tuple[dict[str, dict], list[str]]:
     entries = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(entries, dict):
         return {}, [f"{manifest_path}: expected an object with a \"files\" object, got {type(entries).__name__}"]
+    if any(name.startswith("dcp/") for name in entries):
+        return entries, [f"{manifest_path}: a sharded checkpoint in torch.distributed.checkpoint's format, whose "
+                         "files are pickles; gptforge reads no pickle (its sharded checkpoints are shards/, "
+                         "safetensors and JSON)"]
     problems = []
     for name, entry in entries.items():
         where = f"{manifest_path}: files[{name!r}]"
@@ -260,21 +264,21 @@ def _manifest_entries(path: Path) -> tuple[dict[str, dict], list[str]]:
         problems.append(f"{manifest_path}: step {step!r} does not match the folder {path.name}")
     if not problems and "state.json" not in entries:
         problems.append(f"{path / 'state.json'}: not listed in the manifest")
-    if not problems and ("model.safetensors" in entries) == ("dcp/.metadata" in entries):
-        problems.append(f"{manifest_path}: expected exactly one of model.safetensors (full) or dcp/.metadata "
+    if not problems and ("model.safetensors" in entries) == (SHARD_INDEX in entries):
+        problems.append(f"{manifest_path}: expected exactly one of model.safetensors (full) or {SHARD_INDEX} "
                         "(sharded) among the files")
     return entries, problems
 
 
 def _bad_name(name: str) -> str | None:
     """Why a manifest entry is not a plain file name inside the checkpoint (None: it is one): a name, or
-    dcp/NAME for the shards of a sharded checkpoint. No absolute paths, no parts that climb."""
+    shards/NAME for the shards of a sharded checkpoint. No absolute paths, no parts that climb."""
     parts = name.split("/")
-    if len(parts) == 2 and parts[0] == "dcp" and parts[1] not in ("", ".", "..") and _PLAIN.match(parts[1].lstrip(".")):
+    if len(parts) == 2 and parts[0] == "shards" and _PLAIN.match(parts[1]):
         return None
     if len(parts) == 1 and _PLAIN.match(name):
         return None
-    return "not a plain file name inside the checkpoint (no folders but dcp/, no '..', no absolute paths)"
+    return "not a plain file name inside the checkpoint (no folders but shards/, no '..', no absolute paths)"
 
 
 def _is_count(value: Any) -> bool:
@@ -300,7 +304,7 @@ def _check_files(path: Path, entries: dict[str, dict]) -> list[str]:
         for name in dirs + files:
             full = Path(root) / name
             rel = full.relative_to(path).as_posix()
-            shards = rel == "dcp" and full.is_dir() and not full.is_symlink() and layout_of(entries) == "sharded"
+            shards = rel == "shards" and full.is_dir() and not full.is_symlink() and layout_of(entries) == "sharded"
             if rel in entries or rel == MANIFEST or shards:
                 continue
             problems.append(f"{full}: not listed in the manifest (a checkpoint may hold only what its manifest "
@@ -309,8 +313,8 @@ def _check_files(path: Path, entries: dict[str, dict]) -> list[str]:
 
 
 def layout_of(entries: dict[str, Any]) -> str:
-    """"sharded" for a manifest that lists dcp/.metadata, else "full"."""
-    return "sharded" if "dcp/.metadata" in entries else "full"
+    """"sharded" for a manifest that lists shards/index.json, else "full"."""
+    return "sharded" if SHARD_INDEX in entries else "full"
 
 
 def step_of(path: Path) -> int | None:

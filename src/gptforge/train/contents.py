@@ -41,14 +41,14 @@ def check_contents(path: Path, layout: str, folder_step: int | None) -> list[str
     if problems:
         return problems
     stated = raw.get("layout", "full")  # written since sharded checkpoints exist; one without it is full
-    if stated != layout:  # so torch opens dcp/.metadata only where manifest and state.json both say sharded
+    if stated != layout:  # shards/ is read only where manifest and state.json both say sharded
         return [f"{state_file}: layout is {stated!r} but the manifest lists a {layout} checkpoint"]
     try:
         cfg = from_dict(raw["config"], source=f"{state_file}: config")
         check_fits(cfg.model, bytes_per_param=4, device="cpu", what="its fp32 weights")
     except (ConfigError, GptforgeError) as e:
         return [f"{state_file}: config: {e}"]
-    if layout == "sharded":  # the shards are described by dcp/.metadata, which torch checks as it reads them
+    if layout == "sharded":  # shards/index.json describes the shards; loading checks every box against it
         return []
     try:
         with torch.device("meta"):

@@ -33,7 +33,8 @@ from gptforge.observe.energy import energy_meter, finish_meter
 from gptforge.observe.environment import environment
 from gptforge.observe.hardware import Peak
 from gptforge.observe.metrics import MetricsLog, truncate_after
-from gptforge.parallel.distribute import full_model_state, full_optimizer_state, save_sharded
+from gptforge.parallel.distribute import full_model_state, full_optimizer_state
+from gptforge.parallel.shards import save_shards
 from gptforge.parallel.world import World, running_world
 from gptforge.runtime import peak_memory_gb, synchronize
 from gptforge.train import checkpoint, rng
@@ -349,7 +350,7 @@ class Run:
                 shutil.rmtree(staged, ignore_errors=True)
                 staged.mkdir(parents=True)
             world.barrier()
-            save_sharded(t.raw_model, t.optimizer, staged / "dcp")
+            save_shards(t.raw_model, t.optimizer, staged / "shards", world)
             world.barrier()
         else:
             weights = checkpoint.model_tensors(t.raw_model, full_model_state(t.raw_model))

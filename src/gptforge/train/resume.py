@@ -22,8 +22,8 @@ from gptforge.parallel.distribute import (
     is_sharded_model,
     load_full_model_state,
     load_optimizer_state,
-    load_sharded,
 )
+from gptforge.parallel.shards import load_shards
 from gptforge.parallel.world import World
 from gptforge.train import checkpoint
 from gptforge.train.state import TrainState
@@ -104,7 +104,7 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, worl
     UnloadableCheckpoint when the checkpoint, verified as it was, still does not load."""
     try:
         if checkpoint.is_sharded(path):
-            load_sharded(model, optimizer, path / "dcp")
+            load_shards(model, optimizer, path / "shards")
             return
         if is_sharded_model(model):
             load_full_model_state(model, checkpoint.read_weights(path))
