@@ -86,17 +86,15 @@ def hf_tokens_per_s(hf: Path, prompt: list[int], tokens: int, dtype: torch.dtype
 
 def engine_tokens_per_s(run: Path, prompt: list[int], tokens: int, precision: str, rows: int, runs: int = 7) -> float:
     """The median rate of the serving engine in this process: `rows` greedy requests decoding together."""
-    from gptforge.evaluate.engine import Request, Sampling
-    from gptforge.serve.host import Host
+    from gptforge.evaluate.engine import Engine, Request, Sampling
+    from gptforge.runs import load_run
     from gptforge.serve.main import default_threads, serving_dtype
 
     device = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(default_threads())
-    host = Host(run, device, slots=max(LEVELS), dtype=serving_dtype(precision, device), report=lambda m: None)
-    host.close()  # the engine thread goes; this thread steps the engine itself
-    host.current.thread.join(5)
-    engine = host.current.engine
+    model = load_run(run, device, report=lambda m: None).model.to(serving_dtype(precision, device))
+    engine = Engine(model, slots=max(LEVELS))  # as the server builds it
     rates = []
     for i in range(runs + 1):
         requests = [engine.submit(Request(prompt + [r], tokens, Sampling(temperature=0))) for r in range(rows)]

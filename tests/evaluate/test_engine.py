@@ -172,8 +172,8 @@ def test_a_lone_request_in_a_high_row_decodes_that_row_alone(doc_token):
 
 
 def test_bf16_weights_can_attend_in_an_fp32_cache(monkeypatch):
-    """attention_dtype=fp32 (what the server asks for on a CPU serving bf16 weights): the cache holds fp32,
-    every attention computes in fp32, and the prompts score as the fp32 model scores them, to bf16's precision."""
+    """An engine on a CPU over bf16 weights keeps its cache in fp32 by default: every attention computes in
+    fp32, and the prompts score as the fp32 model scores them, to bf16's precision."""
     import torch.nn.functional as F
 
     model = tiny_model()
@@ -188,7 +188,7 @@ def test_bf16_weights_can_attend_in_an_fp32_cache(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4]]
     scores = []
-    for engine in (Engine(model, slots=4), Engine(half, slots=4, attention_dtype=torch.float32)):
+    for engine in (Engine(model, slots=4), Engine(half, slots=4)):
         nll = {}
         requests = [Request(p, 8, Sampling(0.0), on_prompt=lambda s, n, i=i, nll=nll: nll.__setitem__(i, s / n))
                     for i, p in enumerate(prompts)]

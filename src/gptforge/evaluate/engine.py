@@ -233,7 +233,8 @@ class Engine:
     submit() is thread-safe; step() and run() belong to one thread. `autocast` is a context manager
     factory for the forwards (a Precision's autocast), `cache_dtype` the dtype of the cache (default: the
     model's parameters'). `attention_dtype`: keep the cache in this dtype and attend in it, whatever the
-    weights' (a CPU computes attention over one query per row several times faster in fp32 than in bf16).
+    weights'; by default fp32 on a CPU whose weights are bf16 or fp16 (a CPU computes attention over one query
+    per row several times faster in fp32 than in bf16: BENCHMARKS.md, Serving), else the weights' own.
     """
 
     def __init__(self, model: GPT, slots: int = 8, *, autocast: Callable | None = None,
@@ -245,6 +246,8 @@ class Engine:
         self.block_size = model.config.block_size
         param = next(model.parameters())
         self.device = param.device
+        if attention_dtype is None and self.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16):
+            attention_dtype = torch.float32
         self.cache = RowCache(slots, model.config, self.device, attention_dtype or cache_dtype or param.dtype,
                               attend_dtype=attention_dtype)
         self.slots = [Slot(i) for i in range(slots)]

@@ -81,9 +81,7 @@ class Host:
             from gptforge.errors import GptforgeError
 
             raise GptforgeError(f"{run.checkpoint} has no tokenizer.json: a server needs one to read prompts")
-        # A CPU attends over one query per row several times faster in fp32 than in bf16 (BENCHMARKS.md)
-        wide = torch.float32 if self.device.type == "cpu" and self.dtype != torch.float32 else None
-        engine = Engine(run.model.to(self.dtype), slots=self.slots, attention_dtype=wide)
+        engine = Engine(run.model.to(self.dtype), slots=self.slots)
         return Served(run, engine, ChatTemplate.from_tokenizer(run.tokenizer), int(run.state.get("step", 0)),
                       validation_perplexity(run.state))
 

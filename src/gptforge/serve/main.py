@@ -89,9 +89,8 @@ def serving_dtype(name: str, device):
 
 
 def default_threads() -> int:
-    """Intra-op threads on a CPU: every core but one, which the event loop (and its TLS, JSON and sockets)
-    needs while the engine steps; the threads of a matmul spin while they wait, and one more than the free
-    cores makes every step wait on the loop (BENCHMARKS.md, Serving)."""
+    """Intra-op threads on a CPU: every core but one, which the event loop (TLS, JSON, sockets) needs while
+    the engine steps. On two cores, two threads made the single stream 1.5x slower (BENCHMARKS.md, Serving)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - 1)
 
